@@ -1,0 +1,191 @@
+"""TTT layers: the dual form equals the primal reference, and both equal plain gradient descent on the inner loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttt_meta.nn.ttt import TTTLinear, TTTMLP, ttt_linear, ttt_mlp
+
+B, H, D = 2, 3, 4
+
+
+def _inputs(T, seed=0, scale=1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    q, k, v = r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
+    eta = torch.rand(B, H, T, generator=g, dtype=dtype) * scale
+    ln = (1 + 0.1 * r(H, D), 0.1 * r(H, D))
+    lin = (0.3 * r(H, D, D), 0.1 * r(H, D))
+    mlp = (0.3 * r(H, D, 4 * D), 0.1 * r(H, 4 * D), 0.3 * r(H, 4 * D, D), 0.1 * r(H, D))
+    return (q, k, v, eta), ln, lin, mlp
+
+
+def _run(kind, qkve, ln, lin, mlp, m, form):
+    if kind == "linear":
+        z, W, b = ttt_linear(*qkve, *lin, *ln, m, form=form)
+        return z, (W, b)
+    return ttt_mlp(*qkve, *mlp, *ln, m, form=form)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("T", [1, 3, 16, 37, 64])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_dual_equals_primal(kind, T, m):
+    args = _inputs(T, seed=T * 31 + m)
+    z_p, s_p = _run(kind, *args, m, "primal")
+    z_d, s_d = _run(kind, *args, m, "dual")
+    assert z_d.shape == (B, H, T, D)
+    assert _rel(z_d, z_p) <= 1e-10
+    for a, b in zip(s_d, s_p, strict=True):
+        assert a.shape == b.shape and a.shape[0] == B
+        assert _rel(a, b) <= 1e-10
+
+
+def _f(kind, z, state, ln):
+    """The inner model f(z) = z + LN(f_res(z)) for one head: z [D]."""
+    if kind == "linear":
+        W, b = state
+        r = z @ W + b
+    else:
+        W1, b1, W2, b2 = state
+        r = F.gelu(z @ W1 + b1, approximate="tanh") @ W2 + b2
+    return z + F.layer_norm(r, (D,), ln[0], ln[1], eps=1e-6)
+
+
+def _loss(kind, state, k, v, eta, ln):
+    """sum_j eta_j * 0.5 * ||f(k_j) - v_j||^2 over tokens j of one head."""
+    return sum(eta[j] * 0.5 * ((_f(kind, k[j], state, ln) - v[j]) ** 2).sum() for j in range(k.shape[0]))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_closed_form_gradient_equals_autograd(kind, form):
+    """With one mini-batch covering the sequence, W_last = W0 - grad(sum_j eta_j l_j)(W0)."""
+    (q, k, v, eta), ln, lin, mlp = _inputs(T=8, seed=1)
+    _, state = _run(kind, (q, k, v, eta), ln, lin, mlp, 16, form)
+    init = lin if kind == "linear" else mlp
+    for b in range(B):
+        for h in range(H):
+            s0 = tuple(p[h] for p in init)
+            grads = torch.func.grad(lambda s: _loss(kind, s, k[b, h], v[b, h], eta[b, h], (ln[0][h], ln[1][h])))(s0)
+            for p0, g, got in zip(s0, grads, state, strict=True):
+                torch.testing.assert_close(got[b, h], p0 - g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_mini_batch_one_is_online_gradient_descent(kind):
+    T = 7
+    (q, k, v, eta), ln, lin, mlp = _inputs(T, seed=2)
+    z, _ = _run(kind, (q, k, v, eta), ln, lin, mlp, 1, "dual")
+    init = lin if kind == "linear" else mlp
+    for b in range(B):
+        for h in range(H):
+            lnh = (ln[0][h], ln[1][h])
+            s = tuple(p[h] for p in init)
+            for t in range(T):
+                g = torch.func.grad(lambda s_: _loss(kind, s_, k[b, h, t:t + 1], v[b, h, t:t + 1], eta[b, h, t:t + 1], lnh))(s)
+                s = tuple(p - gp for p, gp in zip(s, g, strict=True))
+                torch.testing.assert_close(z[b, h, t], _f(kind, q[b, h, t], s, lnh), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_read_only_tokens(kind, form):
+    """Tokens with eta 0 leave the state alone; permuting them permutes their outputs and nothing else."""
+    n_write, n_read, m = 10, 9, 4
+    (q, k, v, eta), ln, lin, mlp = _inputs(n_write + n_read, seed=3)
+    eta[:, :, n_write:] = 0
+    z, state = _run(kind, (q, k, v, eta), ln, lin, mlp, m, form)
+    w = slice(0, n_write)
+    z_w, state_w = _run(kind, (q[:, :, w], k[:, :, w], v[:, :, w], eta[:, :, w]), ln, lin, mlp, m, form)
+    for a, b in zip(state, state_w, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z[:, :, w], z_w, rtol=1e-12, atol=1e-12)
+    perm = torch.randperm(n_read, generator=torch.Generator().manual_seed(0)) + n_write
+    order = torch.cat([torch.arange(n_write), perm])
+    z_p, state_p = _run(kind, tuple(x[:, :, order] for x in (q, k, v, eta)), ln, lin, mlp, m, form)
+    torch.testing.assert_close(z_p, z[:, :, order], rtol=1e-12, atol=1e-12)
+    for a, b in zip(state_p, state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_batched_initial_state_carries_between_calls():
+    """Running two halves with the state carried over equals one call, when the split is at a mini-batch edge."""
+    (q, k, v, eta), ln, lin, _ = _inputs(16, seed=4)
+    z, W, b = ttt_linear(q, k, v, eta, *lin, *ln, 4)
+    a, c = slice(0, 8), slice(8, 16)
+    z1, W1, b1 = ttt_linear(q[:, :, a], k[:, :, a], v[:, :, a], eta[:, :, a], *lin, *ln, 4)
+    z2, W2, b2 = ttt_linear(q[:, :, c], k[:, :, c], v[:, :, c], eta[:, :, c], W1, b1, *ln, 4)
+    torch.testing.assert_close(torch.cat([z1, z2], 2), z)
+    torch.testing.assert_close((W2, b2), (W, b))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_outer_gradients_gradcheck(kind, form):
+    """Gradients reach q, k, v, eta, the initial state and the inner LN. The last two tokens are read-only
+    (eta a constant 0: the dual form reads them at the end state, outside the scan)."""
+    (q, k, v, eta), ln, lin, mlp = _inputs(T=5, seed=5)
+    init = lin if kind == "linear" else mlp
+    inputs = tuple(x[:1, :1].clone().requires_grad_() for x in (q, k, v, eta[..., :3]))
+    params = tuple(p[:1].clone().requires_grad_() for p in (*init, *ln))
+    fn = ttt_linear if kind == "linear" else ttt_mlp
+
+    def out(*xs):
+        eta_all = torch.cat([xs[3], xs[3].new_zeros(1, 1, 2)], dim=-1)
+        res = fn(*xs[:3], eta_all, *xs[4:], 2, form=form)
+        return res[0], *(res[1:] if kind == "linear" else res[1])
+
+    assert torch.autograd.gradcheck(out, inputs + params)
+
+
+@pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
+def test_layer_inference_mode_equals_training_forward(cls):
+    torch.manual_seed(0)
+    layer = cls(width=16, num_heads=2, mini_batch_size=4).double()
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    mask = torch.arange(11) < 6
+    mask = mask.expand(3, 11)
+    y = layer(x, mask)
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    with torch.inference_mode():
+        y_eval = layer.eval()(x, mask)
+    torch.testing.assert_close(y_eval, y.detach())
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
+def test_layer_forms_share_qk_and_inner_epochs(cls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    mask = (torch.arange(9) < 5).expand(2, 9)
+    dual = cls(8, 2, mini_batch_size=2, share_qk=False).double()
+    primal = cls(8, 2, mini_batch_size=2, share_qk=False, form="primal").double()
+    primal.load_state_dict(dual.state_dict())
+    for epochs in (1, 3):
+        torch.testing.assert_close(dual(x, mask, epochs), primal(x, mask, epochs), rtol=1e-10, atol=1e-12)
+    # k inner epochs: the outputs are those of the last pass, from the state the first k-1 passes left
+    q, k, v, eta = dual.views(x, mask)
+    z, state = dual.inner(q, k, v, eta, dual.initial_state())
+    z, _ = dual.inner(q, k, v, eta, state)
+    expected = dual.theta_o(dual.post_norm(z.transpose(1, 2).reshape(2, 9, 8)))
+    torch.testing.assert_close(dual(x, mask, inner_epochs=2), expected)
+    assert not torch.allclose(dual(x, mask, 2), dual(x, mask, 1))
+    assert {"W0", "b0"} <= {n for n, _ in dual.named_parameters()} or {"W1", "W2"} <= {n for n, _ in dual.named_parameters()}
+    assert dual.theta_q is not None and cls(8, 2).theta_q is None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        TTTLinear(8, 2, mini_batch_size=0)
+    with pytest.raises(ValueError, match="eta_base"):
+        TTTLinear(8, 2, eta_base=-1)
+    with pytest.raises(ValueError, match="divisible"):
+        TTTLinear(10, 3)
+    with pytest.raises(ValueError, match="form"):
+        TTTMLP(8, 2, form="fast")

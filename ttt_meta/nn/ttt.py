@@ -1,0 +1,330 @@
+"""Test-Time Training layers (Sun et al. 2024, arXiv 2407.04620): TTT-Linear and TTT-MLP.
+
+The hidden state of a TTT layer is the weight W of a small inner model f, trained while the sequence is read.
+Per head (width D), for token t with views q_t, k_t, v_t ([D] rows) and inner learning rate eta_t >= 0:
+
+    f(z; W)  = z + LN(f_res(z; W))               LN per head, learnable weight and bias
+    f_res    = z W + b                           (TTT-Linear)
+             = gelu(z W1 + b1) W2 + b2           (TTT-MLP, gelu with the tanh approximation)
+    l_t(W)   = 0.5 * || f(k_t; W) - v_t ||^2      self-supervised inner loss
+    W_t      = W_s - sum_{j <= t, j in mini-batch} eta_j grad l_j(W_s)    (every bias alike)
+    z_t      = f(q_t; W_t)
+
+W_s is the state where token t's mini-batch starts; the next mini-batch starts from its last W_t. A token with
+eta 0 reads the state and leaves it unchanged (queries of a few-shot episode are such read-only tokens).
+
+Two forms compute the same thing:
+- ``primal``: the readable reference. Per mini-batch it materialises every token's gradient, takes their causal
+  cumulative sum and evaluates f at each token's own W_t.
+- ``dual``: matrix form. With dZ the gradient of the losses with respect to the pre-LN activations at W_s,
+  ``q W_t + b_t = q W_s + b_s - tril(eta_j (q_t . k_j + 1)) dZ`` and ``W_end = W_s - (eta * k)^T dZ``: only
+  matrix products, no per-token weight copies. Trailing read-only tokens all read the final state, so they are
+  evaluated in one batched product after the scan.
+
+Inner gradients are closed form (no autograd in the forward), so both forms run under
+``torch.inference_mode()`` and the outer loop differentiates through them. One difference: eta = 0 marks a
+read-only token, and the dual form treats the eta of trailing read-only tokens as the constant 0 (no gradient
+to it), where the primal form would give the one-sided derivative of a token that starts writing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FORMS = ("primal", "dual")
+_EPS = 1e-6
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+# ----------------------------------------------------------------------------------------------- inner pieces
+def _ln(z: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer norm over the last dim. z [B, H, T, D], weight/bias [H, 1, D]. Returns (y, z_hat, std)."""
+    mu = z.mean(-1, keepdim=True)
+    std = (z.var(-1, unbiased=False, keepdim=True) + _EPS).sqrt()
+    z_hat = (z - mu) / std
+    return z_hat * weight + bias, z_hat, std
+
+
+def ln_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Gradient with respect to z of ``0.5 * ||LN(z) - target||^2``, in closed form. Shapes as `_ln`."""
+    y, z_hat, std = _ln(z, weight, bias)
+    g = (y - target) * weight
+    return (g - g.mean(-1, keepdim=True) - z_hat * (g * z_hat).mean(-1, keepdim=True)) / std
+
+
+def _gelu(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu_grad(x: Tensor) -> Tensor:
+    """d/dx of the tanh-approximated gelu."""
+    t = torch.tanh(_GELU_C * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+
+
+def _batched(p: Tensor, B: int, per_head_dims: int) -> Tensor:
+    """Expand a per-head parameter [H, ...] to [B, H, ...]; a tensor that already has B is returned as is."""
+    return p if p.dim() == per_head_dims + 2 else p.expand(B, *p.shape)
+
+
+def _check(q: Tensor, eta: Tensor, mini_batch_size: int, form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if mini_batch_size < 1:
+        raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+    if q.dim() != 4 or eta.shape != q.shape[:3]:
+        raise ValueError(f"expected q, k, v [B, H, T, D] and eta [B, H, T]; got q {tuple(q.shape)}, eta {tuple(eta.shape)}")
+
+
+def _chunks(T: int, m: int) -> list[slice]:
+    return [slice(s, min(s + m, T)) for s in range(0, T, m)]
+
+
+def _scan_length(eta: Tensor, T: int, m: int) -> int:
+    """Tokens up to the end of the mini-batch holding the last writing token; the rest only read the end state."""
+    writers = torch.nonzero(eta.detach().amax(dim=(0, 1)) > 0)
+    last = int(writers[-1]) + 1 if len(writers) else 0
+    return min(T, -(-last // m) * m)
+
+
+def _pad_chunks(x: Tensor, n: int, m: int) -> Tensor:
+    """[B, H, n_tokens, ...] -> [B, H, nc, m, ...], zero-padding the tokens to n = nc * m."""
+    pad = n - x.shape[2]
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
+    return x.reshape(*x.shape[:2], n // m, m, *x.shape[3:])
+
+
+# ----------------------------------------------------------------------------------------------- TTT-Linear
+def ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, mini_batch_size: int, form: str = "dual"):
+    """TTT-Linear over a sequence.
+
+    q, k, v [B, H, T, D]; eta [B, H, T] (>= 0); W0 [H, D, D] or [B, H, D, D]; b0 [H, D] or [B, H, D];
+    ln_weight, ln_bias [H, D]. Returns (z [B, H, T, D], W_last [B, H, D, D], b_last [B, H, D]).
+    """
+    _check(q, eta, mini_batch_size, form)
+    B, H, T, D = q.shape
+    W, b = _batched(W0, B, 2), _batched(b0, B, 1).unsqueeze(2)  # b [B, H, 1, D]
+    lw, lb = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)
+    target = v - k
+    step = _linear_primal if form == "primal" else _linear_dual
+    return step(q, k, target, eta, W, b, lw, lb, mini_batch_size)
+
+
+def _linear_primal(q, k, target, eta, W, b, lw, lb, m):
+    outs = []
+    for c in _chunks(q.shape[2], m):
+        kc, qc, ec = k[:, :, c], q[:, :, c], eta[:, :, c]
+        dZ = ln_l2_grad(kc @ W + b, target[:, :, c], lw, lb)  # [B, H, m, D]
+        grad_W = kc.unsqueeze(-1) * dZ.unsqueeze(-2)  # per-token gradients [B, H, m, D, D]
+        W_t = W.unsqueeze(2) - torch.cumsum(ec[..., None, None] * grad_W, dim=2)
+        b_t = b - torch.cumsum(ec[..., None] * dZ, dim=2)  # [B, H, m, D]
+        Zq = (qc.unsqueeze(-2) @ W_t).squeeze(-2) + b_t
+        outs.append(qc + _ln(Zq, lw, lb)[0])
+        W, b = W_t[:, :, -1], b_t[:, :, -1:]
+    return torch.cat(outs, dim=2), W, b.squeeze(2)
+
+
+def _linear_dual(q, k, target, eta, W, b, lw, lb, m):
+    T = q.shape[2]
+    n = _scan_length(eta, T, m)
+    Zs = []
+    if n:
+        nc = -(-n // m)
+        qc, kc, tc = (_pad_chunks(x[:, :, :n], nc * m, m) for x in (q, k, target))
+        ec = _pad_chunks(eta[:, :, :n], nc * m, m)  # [B, H, nc, m]
+        kq = torch.cat([kc, qc], dim=3)  # one product with W_s gives both views
+        A = torch.tril(qc @ kc.transpose(-1, -2) + 1) * ec.unsqueeze(-2)  # A[t, j] = eta_j (q_t.k_j + 1), j <= t
+        ekT = (ec.unsqueeze(-1) * kc).transpose(-1, -2)  # [B, H, nc, D, m]
+        ec = ec.unsqueeze(-2)  # [B, H, nc, 1, m]
+        for i in range(nc):
+            Zkq = kq[:, :, i] @ W + b
+            dZ = ln_l2_grad(Zkq[:, :, :m], tc[:, :, i], lw, lb)
+            Zs.append(Zkq[:, :, m:] - A[:, :, i] @ dZ)
+            W = W - ekT[:, :, i] @ dZ
+            b = b - ec[:, :, i] @ dZ
+        Zs = [torch.cat(Zs, dim=2)[:, :, :n]]
+    if n < T:
+        Zs.append(q[:, :, n:] @ W + b)
+    Z = torch.cat(Zs, dim=2)
+    return q + _ln(Z, lw, lb)[0], W, b.squeeze(2)
+
+
+# ----------------------------------------------------------------------------------------------- TTT-MLP
+def ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size: int, form: str = "dual"):
+    """TTT-MLP over a sequence: f_res(z) = gelu(z W1 + b1) W2 + b2 (tanh gelu), hidden width F = W1.shape[-1].
+
+    q, k, v [B, H, T, D]; eta [B, H, T]; W1 [(B,) H, D, F]; b1 [(B,) H, F]; W2 [(B,) H, F, D]; b2 [(B,) H, D];
+    ln_weight, ln_bias [H, D]. Returns (z [B, H, T, D], (W1, b1, W2, b2) at the end, each with the batch dim).
+    """
+    _check(q, eta, mini_batch_size, form)
+    B = q.shape[0]
+    state = (_batched(W1, B, 2), _batched(b1, B, 1).unsqueeze(2), _batched(W2, B, 2), _batched(b2, B, 1).unsqueeze(2))
+    lw, lb = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)
+    step = _mlp_primal if form == "primal" else _mlp_dual
+    z, (W1, b1, W2, b2) = step(q, k, v - k, eta, state, lw, lb, mini_batch_size)
+    return z, (W1, b1.squeeze(2), W2, b2.squeeze(2))
+
+
+def _mlp_grads(kc, target, W1, b1, W2, b2, lw, lb):
+    """Pre-activation gradients of the inner loss at the mini-batch start: (dZ1 [.., m, F], X2 [.., m, F], dZ2 [.., m, D])."""
+    Z1 = kc @ W1 + b1
+    X2 = _gelu(Z1)
+    dZ2 = ln_l2_grad(X2 @ W2 + b2, target, lw, lb)
+    dZ1 = (dZ2 @ W2.transpose(-1, -2)) * _gelu_grad(Z1)
+    return dZ1, X2, dZ2
+
+
+def _mlp_primal(q, k, target, eta, state, lw, lb, m):
+    W1, b1, W2, b2 = state
+    outs = []
+    for c in _chunks(q.shape[2], m):
+        kc, qc, ec = k[:, :, c], q[:, :, c], eta[:, :, c]
+        dZ1, X2, dZ2 = _mlp_grads(kc, target[:, :, c], W1, b1, W2, b2, lw, lb)
+        e2, e1 = ec[..., None, None], ec[..., None]
+        W1_t = W1.unsqueeze(2) - torch.cumsum(e2 * kc.unsqueeze(-1) * dZ1.unsqueeze(-2), dim=2)  # [B, H, m, D, F]
+        W2_t = W2.unsqueeze(2) - torch.cumsum(e2 * X2.unsqueeze(-1) * dZ2.unsqueeze(-2), dim=2)  # [B, H, m, F, D]
+        b1_t = b1 - torch.cumsum(e1 * dZ1, dim=2)
+        b2_t = b2 - torch.cumsum(e1 * dZ2, dim=2)
+        Xq = _gelu((qc.unsqueeze(-2) @ W1_t).squeeze(-2) + b1_t)
+        Zq = (Xq.unsqueeze(-2) @ W2_t).squeeze(-2) + b2_t
+        outs.append(qc + _ln(Zq, lw, lb)[0])
+        W1, b1, W2, b2 = W1_t[:, :, -1], b1_t[:, :, -1:], W2_t[:, :, -1], b2_t[:, :, -1:]
+    return torch.cat(outs, dim=2), (W1, b1, W2, b2)
+
+
+def _mlp_dual(q, k, target, eta, state, lw, lb, m):
+    W1, b1, W2, b2 = state
+    T = q.shape[2]
+    n = _scan_length(eta, T, m)
+    Zs = []
+    if n:
+        nc = -(-n // m)
+        qc, kc, tc = (_pad_chunks(x[:, :, :n], nc * m, m) for x in (q, k, target))
+        ec = _pad_chunks(eta[:, :, :n], nc * m, m)
+        kq = torch.cat([kc, qc], dim=3)
+        A1 = torch.tril(qc @ kc.transpose(-1, -2) + 1) * ec.unsqueeze(-2)
+        ekT = (ec.unsqueeze(-1) * kc).transpose(-1, -2)
+        for i in range(nc):
+            e = ec[:, :, i].unsqueeze(-2)  # [B, H, 1, m]
+            Z1 = kq[:, :, i] @ W1 + b1
+            Z1k = Z1[:, :, :m]
+            X2k = _gelu(Z1k)
+            dZ2 = ln_l2_grad(X2k @ W2 + b2, tc[:, :, i], lw, lb)
+            dZ1 = (dZ2 @ W2.transpose(-1, -2)) * _gelu_grad(Z1k)
+            X2q = _gelu(Z1[:, :, m:] - A1[:, :, i] @ dZ1)
+            A2 = torch.tril(X2q @ X2k.transpose(-1, -2) + 1) * e
+            Zs.append(X2q @ W2 + b2 - A2 @ dZ2)
+            W1 = W1 - ekT[:, :, i] @ dZ1
+            b1 = b1 - e @ dZ1
+            W2 = W2 - (e.transpose(-1, -2) * X2k).transpose(-1, -2) @ dZ2
+            b2 = b2 - e @ dZ2
+        Zs = [torch.cat(Zs, dim=2)[:, :, :n]]
+    if n < T:
+        Zs.append(_gelu(q[:, :, n:] @ W1 + b1) @ W2 + b2)
+    Z = torch.cat(Zs, dim=2)
+    return q + _ln(Z, lw, lb)[0], (W1, b1, W2, b2)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+class _TTTLayer(nn.Module):
+    """Shared shell of TTT-Linear and TTT-MLP: projections, learned inner lr, inner LN, output norm and theta_O.
+
+    forward(x [B, T, width], write_mask [B, T] bool or None, inner_epochs) -> [B, T, width].
+    Learned pieces, by name: ``theta_kv`` (and ``theta_q`` unless share_qk), ``theta_o``, ``eta_gate``
+    (eta = eta_base * sigmoid(eta_gate(x)) / D per head), ``ln_weight``/``ln_bias`` (inner LN) and the
+    initial state (``W0``, ``b0`` or ``W1``, ``b1``, ``W2``, ``b2``).
+    """
+
+    def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
+                 share_qk: bool = True, form: str = "dual"):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        if eta_base < 0:
+            raise ValueError(f"eta_base must be >= 0, got {eta_base}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        self.width, self.num_heads, self.head_dim = width, num_heads, width // num_heads
+        self.mini_batch_size, self.eta_base, self.share_qk, self.form = mini_batch_size, eta_base, share_qk, form
+        self.theta_kv = nn.Linear(width, 2 * width, bias=False)
+        self.theta_q = None if share_qk else nn.Linear(width, width, bias=False)
+        self.eta_gate = nn.Linear(width, num_heads)
+        self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
+        self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+        self.post_norm = nn.LayerNorm(width)
+        self.theta_o = nn.Linear(width, width, bias=False)
+        nn.init.normal_(self.eta_gate.weight, std=0.02)
+        nn.init.zeros_(self.eta_gate.bias)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def views(self, x: Tensor, write_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(q, k, v [B, H, T, D], eta [B, H, T]); eta is 0 where write_mask is False."""
+        k, v = self.theta_kv(x).chunk(2, dim=-1)
+        q = k if self.theta_q is None else self.theta_q(x)
+        eta = self.eta_base / self.head_dim * torch.sigmoid(self.eta_gate(x)).transpose(1, 2)
+        if write_mask is not None:
+            eta = eta * write_mask.unsqueeze(1).to(eta.dtype)
+        return self._heads(q), self._heads(k), self._heads(v), eta
+
+    def initial_state(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def inner(self, q, k, v, eta, state) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Run the inner model from `state`: (z [B, H, T, D], end state)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, write_mask: Tensor | None = None, inner_epochs: int = 1) -> Tensor:
+        if inner_epochs < 1:
+            raise ValueError(f"inner_epochs must be >= 1, got {inner_epochs}")
+        q, k, v, eta = self.views(x, write_mask)
+        state = self.initial_state()
+        for _ in range(inner_epochs):
+            z, state = self.inner(q, k, v, eta, state)
+        B, T, _ = x.shape
+        return self.theta_o(self.post_norm(z.transpose(1, 2).reshape(B, T, self.width)))
+
+
+class TTTLinear(_TTTLayer):
+    """TTT layer whose hidden state is a linear model per head: W0 [H, D, D], b0 [H, D]."""
+
+    def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
+                 share_qk: bool = True, form: str = "dual"):
+        super().__init__(width, num_heads, mini_batch_size, eta_base, share_qk, form)
+        self.W0 = nn.Parameter(torch.randn(num_heads, self.head_dim, self.head_dim) * 0.02)
+        self.b0 = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+
+    def initial_state(self):
+        return self.W0, self.b0
+
+    def inner(self, q, k, v, eta, state):
+        z, W, b = ttt_linear(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form)
+        return z, (W, b)
+
+
+class TTTMLP(_TTTLayer):
+    """TTT layer whose hidden state is a 2-layer MLP per head (hidden 4 D): W1 [H, D, 4D], W2 [H, 4D, D]."""
+
+    def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
+                 share_qk: bool = True, form: str = "dual"):
+        super().__init__(width, num_heads, mini_batch_size, eta_base, share_qk, form)
+        D = self.head_dim
+        self.W1 = nn.Parameter(torch.randn(num_heads, D, 4 * D) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(num_heads, 4 * D))
+        self.W2 = nn.Parameter(torch.randn(num_heads, 4 * D, D) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(num_heads, D))
+
+    def initial_state(self):
+        return self.W1, self.b1, self.W2, self.b2
+
+    def inner(self, q, k, v, eta, state):
+        return ttt_mlp(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form)
