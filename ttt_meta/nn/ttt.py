@@ -231,13 +231,14 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m):
 
 
 # ----------------------------------------------------------------------------------------------- layers
-class _TTTLayer(nn.Module):
+class TTTLayer(nn.Module):
     """Shared shell of TTT-Linear and TTT-MLP: projections, learned inner lr, inner LN, output norm and theta_O.
 
     forward(x [B, T, width], write_mask [B, T] bool or None, inner_epochs) -> [B, T, width].
     Learned pieces, by name: ``theta_kv`` (and ``theta_q`` unless share_qk), ``theta_o``, ``eta_gate``
     (eta = eta_base * sigmoid(eta_gate(x)) / D per head), ``ln_weight``/``ln_bias`` (inner LN) and the
-    initial state (``W0``, ``b0`` or ``W1``, ``b1``, ``W2``, ``b2``).
+    initial state (``W0``, ``b0`` or ``W1``, ``b1``, ``W2``, ``b2``). After a forward, ``last_eta`` holds the
+    inner learning rates used [B, H, T] (detached).
     """
 
     def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
@@ -287,6 +288,7 @@ class _TTTLayer(nn.Module):
         if inner_epochs < 1:
             raise ValueError(f"inner_epochs must be >= 1, got {inner_epochs}")
         q, k, v, eta = self.views(x, write_mask)
+        self.last_eta = eta.detach()  # [B, H, T], for logging
         state = self.initial_state()
         for _ in range(inner_epochs):
             z, state = self.inner(q, k, v, eta, state)
@@ -294,7 +296,7 @@ class _TTTLayer(nn.Module):
         return self.theta_o(self.post_norm(z.transpose(1, 2).reshape(B, T, self.width)))
 
 
-class TTTLinear(_TTTLayer):
+class TTTLinear(TTTLayer):
     """TTT layer whose hidden state is a linear model per head: W0 [H, D, D], b0 [H, D]."""
 
     def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
@@ -311,16 +313,18 @@ class TTTLinear(_TTTLayer):
         return z, (W, b)
 
 
-class TTTMLP(_TTTLayer):
+class TTTMLP(TTTLayer):
     """TTT layer whose hidden state is a 2-layer MLP per head (hidden 4 D): W1 [H, D, 4D], W2 [H, 4D, D]."""
 
     def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
                  share_qk: bool = True, form: str = "dual"):
         super().__init__(width, num_heads, mini_batch_size, eta_base, share_qk, form)
         D = self.head_dim
-        self.W1 = nn.Parameter(torch.randn(num_heads, D, 4 * D) * 0.02)
+        # fan-in scale, not the 0.02 of TTT-Linear: each layer's inner gradient is scaled by the other layer's
+        # weights, so a 0.02 init leaves the inner MLP almost unable to learn (a few-shot probe sat at chance)
+        self.W1 = nn.Parameter(torch.randn(num_heads, D, 4 * D) * D**-0.5)
         self.b1 = nn.Parameter(torch.zeros(num_heads, 4 * D))
-        self.W2 = nn.Parameter(torch.randn(num_heads, 4 * D, D) * 0.02)
+        self.W2 = nn.Parameter(torch.randn(num_heads, 4 * D, D) * (4 * D) ** -0.5)
         self.b2 = nn.Parameter(torch.zeros(num_heads, D))
 
     def initial_state(self):

@@ -1,0 +1,99 @@
+"""Episodes: shapes, labels, class purity, fixed evaluation sets, independent training streams, rotations."""
+
+import pytest
+import torch
+
+from ttt_meta.data.datamodule import EpisodeDataModule, FixedEpisodes, TrainEpisodes
+from ttt_meta.data.episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
+
+
+def _tagged(C=12, S=10, size=8) -> ClassImages:
+    """Images whose pixel (0, 0) is the class id and pixel (0, 1) the sample id; the rest is a class-free pattern."""
+    x = torch.zeros(C, S, 1, size, size, dtype=torch.uint8)
+    x[:, :, 0, 0, 0] = torch.arange(C).view(C, 1)
+    x[:, :, 0, 0, 1] = torch.arange(S).view(1, S)
+    return ClassImages(x, [f"c{i}" for i in range(C)])
+
+
+def test_episode_shapes_and_labels():
+    data, spec = _tagged(), EpisodeSpec(ways=4, shots=2, queries=3)
+    idx = sample_episodes(6, spec, 12, 10, torch.Generator().manual_seed(0))
+    b = materialize(data.images, idx, spec.shots)
+    assert b["support"].shape == (6, 8, 1, 8, 8) and b["query"].shape == (6, 12, 1, 8, 8)
+    assert b["support"].dtype == torch.uint8 and b["ways"] == 4
+    for e in range(6):
+        cls_s, cls_q = b["support"][e, :, 0, 0, 0].long(), b["query"][e, :, 0, 0, 0].long()
+        ys, yq = b["support_labels"][e], b["query_labels"][e]
+        assert sorted(ys.tolist()) == sorted(list(range(4)) * 2) and sorted(yq.tolist()) == sorted(list(range(4)) * 3)
+        for y in range(4):  # one class per label, the same in supports and queries
+            assert len(set(cls_s[ys == y].tolist()) | set(cls_q[yq == y].tolist())) == 1
+        assert len(set(cls_s.tolist())) == 4
+        # no image is both a support and a query
+        pairs = lambda x: {tuple(p) for p in x[:, 0, 0, :2].tolist()}  # noqa: E731
+        assert not pairs(b["support"][e]) & pairs(b["query"][e])
+    assert not torch.equal(b["support_labels"][0], torch.arange(4).repeat_interleave(2))  # order is shuffled
+
+
+def test_rotations_are_new_classes():
+    x = torch.zeros(3, 4, 1, 6, 6, dtype=torch.uint8)
+    x[..., 0, 0] = 255  # a mark in the top-left corner
+    spec = EpisodeSpec(ways=12, shots=1, queries=1)
+    idx = sample_episodes(1, spec, 3, 4, torch.Generator().manual_seed(0), rotations=True)
+    assert sorted(idx.classes[0].tolist()) == list(range(12))
+    b = materialize(x, idx, 1)
+    corners = {(0, 0), (5, 0), (5, 5), (0, 5)}
+    for img, y in zip(b["support"][0], b["support_labels"][0], strict=True):
+        r = int(idx.classes[0, y]) // 3
+        where = tuple(torch.nonzero(img[0])[0].tolist())
+        assert where in corners
+        assert where == [(0, 0), (5, 0), (5, 5), (0, 5)][r]
+
+
+def test_spec_errors():
+    with pytest.raises(ValueError, match="ways >= 2"):
+        EpisodeSpec(1, 1, 1).check(10, 20, "train")
+    with pytest.raises(ValueError, match="lower data.ways"):
+        EpisodeSpec(30, 1, 1).check(10, 20, "val")
+    with pytest.raises(ValueError, match="samples per class"):
+        EpisodeSpec(5, 10, 15).check(100, 20, "test")
+
+
+def test_fixed_episodes_are_fixed_and_streams_differ():
+    data, spec = _tagged(), EpisodeSpec(3, 1, 2)
+    a, b = FixedEpisodes(data, spec, 20, seed=5), FixedEpisodes(data, spec, 20, seed=5)
+    ea, eb = a.__getitems__(list(range(20))), b.__getitems__(list(range(20)))
+    assert all(torch.equal(ea[k], eb[k]) for k in ("support", "query", "query_labels"))
+    one = a[3]
+    assert torch.equal(one["query"], ea["query"][3])
+    s1 = next(iter(TrainEpisodes(data, spec, 4, 10, False, seed=0)))
+    s2 = next(iter(TrainEpisodes(data, spec, 4, 10, False, seed=1)))
+    assert not torch.equal(s1["support"], s2["support"])
+    stream = TrainEpisodes(data, spec, 4, 3, False, seed=0)
+    assert len(list(stream)) == 3
+    first, second = next(iter(stream)), next(iter(stream))  # the stream goes on across epochs
+    assert not torch.equal(first["support"], second["support"])
+
+
+def test_datamodule_synthetic():
+    dm = EpisodeDataModule(dataset="synthetic", ways=5, shots=1, queries=2, eval_queries=4, meta_batch_size=3,
+                           train_batches_per_epoch=2, val_episodes=7, test_episodes=9, eval_batch_size=4)
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 2 and train[0]["query"].shape[:2] == (3, 10)
+    val = list(dm.val_dataloader())
+    assert [v["query"].shape[0] for v in val] == [4, 3] and val[0]["query"].shape[1] == 20
+    assert sum(t["query"].shape[0] for t in dm.test_dataloader()) == 9
+    with pytest.raises(ValueError, match="dataset"):
+        EpisodeDataModule(dataset="imagenet")
+    with pytest.raises(ValueError, match="lower data.ways"):
+        EpisodeDataModule(dataset="synthetic", ways=200).setup("fit")
+
+
+def test_omniglot_datamodule_real(omniglot_root):
+    dm = EpisodeDataModule(dataset="omniglot", root=str(omniglot_root), ways=20, shots=5, queries=15,
+                           test_episodes=10, eval_batch_size=10)
+    dm.setup("test")
+    assert [len(dm.splits[s].names) for s in ("train", "val", "test")] == [1100, 100, 423]
+    assert not set(dm.splits["train"].names) & set(dm.splits["test"].names)
+    b = next(iter(dm.test_dataloader()))
+    assert b["support"].shape == (10, 100, 1, 28, 28) and b["query"].shape == (10, 300, 1, 28, 28)

@@ -1,0 +1,100 @@
+"""Few-shot episodes sampled by indexing a pre-decoded uint8 image tensor (no PIL, no per-sample Python).
+
+An episode is drawn as indices: N classes, K + Q samples of each, and a shuffle of the support and query
+tokens. Materialising gathers the images. Labels are the class's position among the episode's N classes, so
+they are a fresh random assignment in every episode.
+
+Batch of episodes (what the learners receive):
+    support [B, N*K, C, H, W] uint8, support_labels [B, N*K] int64,
+    query   [B, N*Q, C, H, W] uint8, query_labels   [B, N*Q] int64,
+    ways    N (an int)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ROTATIONS = 4  # 0, 90, 180, 270 degrees: each rotation of a class is a class of its own (training only)
+
+
+@dataclass(frozen=True)
+class ClassImages:
+    """Images of one split, grouped by class: images uint8 [C, S, channels, H, W], names[c] the class name."""
+
+    images: Tensor
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """N-way K-shot episodes with Q queries per class."""
+
+    ways: int
+    shots: int
+    queries: int
+
+    def check(self, num_classes: int, samples_per_class: int, split: str) -> None:
+        """Raise a clear ValueError when the episodes cannot be drawn from `num_classes` x `samples_per_class`."""
+        if self.ways < 2 or self.shots < 1 or self.queries < 1:
+            raise ValueError(f"{split} episodes need ways >= 2, shots >= 1 and queries >= 1; got ways={self.ways}, "
+                             f"shots={self.shots}, queries={self.queries}")
+        if self.ways > num_classes:
+            raise ValueError(f"{self.ways}-way episodes need {self.ways} classes but the {split} split has "
+                             f"{num_classes}; lower data.ways")
+        if self.shots + self.queries > samples_per_class:
+            raise ValueError(f"shots + queries = {self.shots + self.queries} exceeds the {samples_per_class} samples "
+                             f"per class of the {split} split; lower data.shots or data.queries")
+
+
+@dataclass(frozen=True)
+class EpisodeIndex:
+    """Index form of B episodes: classes [B, N] (ids >= C mean rotated copies), samples [B, N, K+Q],
+    support_order [B, N*K] and query_order [B, N*Q] (shuffles of the class-major token order)."""
+
+    classes: Tensor
+    samples: Tensor
+    support_order: Tensor
+    query_order: Tensor
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, i) -> "EpisodeIndex":
+        return EpisodeIndex(self.classes[i], self.samples[i], self.support_order[i], self.query_order[i])
+
+
+def sample_episodes(n: int, spec: EpisodeSpec, num_classes: int, samples_per_class: int,
+                    generator: torch.Generator, rotations: bool = False) -> EpisodeIndex:
+    """Draw `n` episodes' indices; `rotations` multiplies the classes by 4 (rotated copies)."""
+    N, K, Q = spec.ways, spec.shots, spec.queries
+    pool = num_classes * (ROTATIONS if rotations else 1)
+    classes = torch.rand(n, pool, generator=generator).argsort(-1)[:, :N]
+    samples = torch.rand(n, N, samples_per_class, generator=generator).argsort(-1)[..., :K + Q]
+    support_order = torch.rand(n, N * K, generator=generator).argsort(-1)
+    query_order = torch.rand(n, N * Q, generator=generator).argsort(-1)
+    return EpisodeIndex(classes, samples, support_order, query_order)
+
+
+def materialize(images: Tensor, idx: EpisodeIndex, shots: int) -> dict[str, Tensor]:
+    """Gather the episodes of `idx` from images uint8 [C, S, ch, H, W]; returns the batch dict (module doc)."""
+    C = images.shape[0]
+    B, N, KQ = idx.samples.shape
+    base, rot = idx.classes % C, idx.classes // C
+    x = images[base.unsqueeze(-1), idx.samples]  # [B, N, K+Q, ch, H, W]
+    for r in range(1, ROTATIONS):
+        hit = rot == r
+        if hit.any():
+            x[hit] = torch.rot90(x[hit], r, dims=(-2, -1))
+    labels = torch.arange(N).view(1, N, 1).expand(B, N, KQ)
+
+    def tokens(part: slice, order: Tensor) -> tuple[Tensor, Tensor]:
+        xs, ys = x[:, :, part].flatten(1, 2), labels[:, :, part].flatten(1, 2)
+        return xs[torch.arange(B).unsqueeze(-1), order], ys.gather(1, order)
+
+    support, support_labels = tokens(slice(0, shots), idx.support_order)
+    query, query_labels = tokens(slice(shots, KQ), idx.query_order)
+    return {"support": support, "support_labels": support_labels, "query": query, "query_labels": query_labels,
+            "ways": N}

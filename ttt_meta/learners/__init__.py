@@ -1,0 +1,8 @@
+"""LightningModules: the episodic base and the learners built on it."""
+
+from .base import EpisodicLearner
+from .maml import MAMLLearner
+from .protonet import ProtoNetLearner
+from .sequence import SequenceMetaLearner
+
+__all__ = ["EpisodicLearner", "MAMLLearner", "ProtoNetLearner", "SequenceMetaLearner"]

@@ -1,0 +1,105 @@
+"""EpisodicLearner: what every few-shot learner shares (loss, metrics, the test report, the optimiser).
+
+A subclass implements ``forward(batch) -> logits [B, N*Q, N]`` for a batch of episodes (see
+``ttt_meta.data.episodes``); images arrive as uint8 and ``images()`` turns them into floats in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import CatMetric, MeanMetric
+
+
+def confidence_interval(acc: Tensor) -> tuple[float, float]:
+    """Mean and 95% half-interval 1.96 * std / sqrt(n) of per-episode accuracies [n]."""
+    n = acc.numel()
+    std = acc.std().item() if n > 1 else 0.0
+    return acc.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+class EpisodicLearner(L.LightningModule):
+    """Base of the learners: cross-entropy on the queries, accuracy, AdamW with warm-up and cosine decay.
+
+    Args:
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps, then cosine decay to 0 at the last step of the run.
+    """
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model lr must be > 0, got {lr}")
+        self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
+
+    @staticmethod
+    def images(x: Tensor) -> Tensor:
+        return x.float().div_(255)
+
+    def _step(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(loss, per-episode accuracy [B])."""
+        logits = self(batch)
+        y = batch["query_labels"]
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return loss, (logits.argmax(-1) == y).float().mean(1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, acc = self._step(batch)
+        self.train_acc(acc)
+        n = len(acc)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, acc = self._step(batch)
+        self.val_loss(loss, weight=len(acc))
+        self.val_acc(acc)
+        self.log("val/loss", self.val_loss, on_epoch=True, batch_size=len(acc))
+        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=len(acc))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        _, acc = self._step(batch)
+        self.test_acc.update(acc)
+
+    def on_test_epoch_end(self) -> None:
+        acc = self.test_acc.compute().float().flatten()
+        self.test_acc.reset()
+        mean, ci = confidence_interval(acc)
+        self.log_dict({"test/acc": mean, "test/ci95": ci, "test/episodes": float(acc.numel())}, sync_dist=False)
+        if self.trainer.is_global_zero:
+            self.write_test_report(mean, ci, acc.numel())
+
+    def write_test_report(self, mean: float, ci: float, episodes: int) -> None:
+        dm = self.trainer.datamodule
+        spec = getattr(dm, "eval_spec", None)
+        report = {"acc": mean, "ci95": ci, "episodes": episodes, "model": type(self).__name__,
+                  "hparams": dict(self.hparams), "ckpt_path": self.trainer.ckpt_path}
+        if spec is not None:
+            report.update(ways=spec.ways, shots=spec.shots, queries=spec.queries, dataset=dm.hparams.dataset,
+                          test_seed=dm.hparams.test_seed)
+        log_dir = Path(self.trainer.log_dir or ".")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / "test_results.json"
+        path.write_text(json.dumps(report, indent=1, default=str))
+        print(f"\ntest accuracy {100 * mean:.2f} +- {100 * ci:.2f}% (95% CI, {episodes} episodes) -> {path}")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def schedule(step: int) -> float:
+            warm = min(1.0, (step + 1) / max(1, hp.warmup_steps))
+            return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                                                   "interval": "step"}}

@@ -1,0 +1,63 @@
+"""MAMLLearner (Finn et al. 2017) on learn2learn: per-episode gradient adaptation of Conv4 + a linear head.
+
+Each episode clones the meta-model, takes `adaptation_steps` gradient steps on the support loss (second order
+unless `first_order`), and scores the queries with the adapted clone; the meta-model itself is only changed by
+the outer optimiser. BatchNorm uses each task's batch statistics (as in the MAML paper). ``meta_sgd: true``
+switches to Meta-SGD (learned per-parameter inner learning rates, initialised at `inner_lr`). Evaluation needs
+autograd for the adaptation, so it runs with gradients on inside validation and test.
+"""
+
+from __future__ import annotations
+
+import learn2learn as l2l
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.encoders import make_encoder
+from .base import EpisodicLearner
+
+
+class MAMLLearner(EpisodicLearner):
+    """Args:
+        ways: N of the linear head (the episodes' N must match).
+        inner_lr: inner-loop learning rate (MAML paper: 0.4 on Omniglot, 0.01 on miniImageNet).
+        train_steps, test_steps: adaptation steps in training and in validation/test (paper: 1 and 3 on
+            Omniglot 5-way; 5 and 10 on miniImageNet).
+        first_order: drop the second-order terms of the meta-gradient.
+        meta_sgd: learn per-parameter inner learning rates (Meta-SGD).
+        encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
+        lr, weight_decay, warmup_steps: see EpisodicLearner.
+    """
+
+    def __init__(self, ways: int = 5, inner_lr: float = 0.4, train_steps: int = 1, test_steps: int = 3,
+                 first_order: bool = False, meta_sgd: bool = False, encoder: str = "conv4",
+                 encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 200):
+        super().__init__(lr, weight_decay, warmup_steps)
+        if train_steps < 1 or test_steps < 0:
+            raise ValueError(f"need train_steps >= 1 and test_steps >= 0, got {train_steps} and {test_steps}")
+        self.save_hyperparameters()
+        enc = make_encoder(encoder, in_channels, encoder_channels, image_size, batch_stats=True)
+        net = nn.Sequential(enc, nn.Linear(enc.out_features, ways))
+        algo = l2l.algorithms.MetaSGD if meta_sgd else l2l.algorithms.MAML
+        self.maml = algo(net, lr=inner_lr, first_order=first_order)
+        self.adaptation_steps = test_steps  # what evaluation uses; compare.py sets it per row
+
+    def adapt(self, support: Tensor, labels: Tensor, steps: int) -> nn.Module:
+        """A clone of the meta-model after `steps` gradient steps on one episode's support loss."""
+        learner = self.maml.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(support), labels))
+        return learner
+
+    def forward(self, batch: dict) -> Tensor:
+        if batch["ways"] != self.hparams.ways:
+            raise ValueError(f"{batch['ways']}-way episodes but this MAML head has {self.hparams.ways} ways; "
+                             f"set model.init_args.ways to the data's ways")
+        steps = self.hparams.train_steps if self.training else self.adaptation_steps
+        with torch.inference_mode(False), torch.enable_grad():  # evaluation adapts with autograd too
+            support, query = self.images(batch["support"].clone()), self.images(batch["query"].clone())
+            labels = batch["support_labels"].clone()
+            logits = torch.stack([self.adapt(s, y, steps)(q) for s, y, q in zip(support, labels, query, strict=True)])
+        return logits if self.training else logits.detach()

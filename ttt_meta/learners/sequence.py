@@ -1,0 +1,58 @@
+"""SequenceMetaLearner: a whole episode read as one sequence; adaptation happens inside the core's state."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..nn.encoders import make_encoder
+from ..nn.model import EpisodeSequenceModel
+from ..nn.ttt import TTTLayer
+from .base import EpisodicLearner
+
+
+class SequenceMetaLearner(EpisodicLearner):
+    """Conv encoder -> label-carrying support tokens and read-only query tokens -> sequence core -> N-way head.
+
+    Args:
+        core: "ttt_linear", "ttt_mlp", "lstm" or "attention" (see ``ttt_meta.nn.cores``).
+        width, depth, num_heads: token width, number of blocks, heads of the core.
+        mini_batch_size, eta_base, share_qk: TTT inner mini-batch, inner learning-rate scale, theta_Q = theta_K
+            (TTT cores only).
+        encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
+        max_ways: largest N the label embedding and the head serve.
+        lr, weight_decay, warmup_steps: see EpisodicLearner.
+    """
+
+    def __init__(self, core: str = "ttt_linear", width: int = 128, depth: int = 2, num_heads: int = 4,
+                 mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, encoder: str = "conv4",
+                 encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
+        super().__init__(lr, weight_decay, warmup_steps)
+        self.save_hyperparameters()
+        self.model = EpisodeSequenceModel(
+            make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
+            num_heads=num_heads, max_ways=max_ways, mini_batch_size=mini_batch_size, eta_base=eta_base,
+            share_qk=share_qk)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        ways = getattr(dm, "max_ways", 0)
+        if ways > self.hparams.max_ways:
+            raise ValueError(f"the data asks for {ways}-way episodes but model.max_ways is {self.hparams.max_ways}; "
+                             f"raise model.init_args.max_ways (a checkpoint cannot grow it)")
+
+    def ttt_layers(self) -> list[tuple[str, TTTLayer]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, TTTLayer)]
+
+    def forward(self, batch: dict) -> Tensor:
+        return self.model(self.images(batch["support"]), batch["support_labels"], self.images(batch["query"]),
+                          batch["ways"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        for name, layer in self.ttt_layers():  # mean inner learning rate of the writing tokens
+            eta = layer.last_eta
+            self.log(f"ttt/{name.removeprefix('model.')}/eta_mean", eta.sum() / (eta > 0).sum().clamp_min(1),
+                     batch_size=len(eta))
+        return loss

@@ -1,0 +1,97 @@
+"""Sequence cores, one interface: ``core(x [B, T, d], write_mask [B, T] bool) -> [B, T, d]``.
+
+Tokens with write_mask False (the queries of an episode) only read: no core lets a query influence another
+token, so each query's output depends on the supports and itself alone.
+
+- ``ttt_linear`` / ``ttt_mlp``: TTT layers (``ttt.py``); read-only tokens get inner learning rate 0.
+- ``lstm``: an LSTM layer reads the supports once; every query then takes one LSTM step from the supports'
+  final (h, c), all queries in parallel. Its hidden size gives the core about as many parameters as a
+  TTT-Linear core of the same width; the model's blocks stack the layers.
+- ``attention``: softmax self-attention; supports attend to supports, each query to the supports and itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ttt import TTTLinear, TTTMLP
+
+
+def _support_count(write_mask: Tensor) -> int:
+    """Number of writing tokens, which must be a prefix of the sequence, the same in every episode."""
+    n = int(write_mask[0].sum())
+    if not bool((write_mask == (torch.arange(write_mask.shape[1], device=write_mask.device) < n)).all()):
+        raise ValueError("this core needs the writing tokens (supports) first and the same count in every sequence")
+    return n
+
+
+class LSTMCore(nn.Module):
+    """An ``nn.LSTM`` layer (cuDNN-capable) over the supports, then one step per query from the supports' state.
+
+    hidden: the LSTM's size; None sizes it so the core has about `reference_params` parameters
+    (4h(w + h) + 8h for the LSTM, h w for the projection back to the width w).
+    """
+
+    def __init__(self, width: int, hidden: int | None = None, reference_params: int = 0):
+        super().__init__()
+        if hidden is None:
+            b = 5 * width + 8
+            hidden = max(8, int((-b + math.sqrt(b * b + 16 * reference_params)) / 8)) if reference_params else width
+        self.lstm = nn.LSTM(width, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: Tensor, write_mask: Tensor | None = None) -> Tensor:
+        B, T, d = x.shape
+        n = T if write_mask is None else _support_count(write_mask)
+        hs, (h, c) = self.lstm(x[:, :n])
+        outs = [hs]
+        if n < T:
+            Q = T - n
+            expand = lambda s: s.unsqueeze(2).expand(-1, -1, Q, -1).reshape(s.shape[0], B * Q, -1)  # noqa: E731
+            hq, _ = self.lstm(x[:, n:].reshape(B * Q, 1, d), (expand(h), expand(c)))
+            outs.append(hq.view(B, Q, -1))
+        return self.out(torch.cat(outs, dim=1))
+
+
+class AttentionCore(nn.Module):
+    """Multi-head softmax self-attention (``scaled_dot_product_attention``) with the read-only mask."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: Tensor, write_mask: Tensor | None = None) -> Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        mask = None
+        if write_mask is not None:  # allowed[i, j]: j writes, or j is i
+            mask = (write_mask.unsqueeze(1) | torch.eye(T, dtype=torch.bool, device=x.device)).unsqueeze(1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+CORES = ("ttt_linear", "ttt_mlp", "lstm", "attention")
+
+
+def make_core(name: str, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
+              share_qk: bool = True) -> nn.Module:
+    """Build core `name`; TTT options go to the TTT cores, the LSTM is sized like a TTT-Linear core."""
+    ttt = dict(mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk)
+    if name == "ttt_linear":
+        return TTTLinear(width, num_heads, **ttt)
+    if name == "ttt_mlp":
+        return TTTMLP(width, num_heads, **ttt)
+    if name == "lstm":
+        reference = sum(p.numel() for p in TTTLinear(width, num_heads, **ttt).parameters())
+        return LSTMCore(width, reference_params=reference)
+    if name == "attention":
+        return AttentionCore(width, num_heads)
+    raise ValueError(f"unknown core {name!r}; choose one of {list(CORES)}")
