@@ -1,8 +1,8 @@
-"""Forward+backward time of the TTT functional core: primal vs dual (vs torch.compile of the dual).
+"""Forward+backward time of the TTT functional core: primal vs dual.
 
-    python scripts/bench_ttt.py [--lengths 16 64 256 1024 4096] [--out results/bench_ttt.json]
+    python scripts/bench_ttt.py [--lengths 16 64 256 1024 4096] [--kinds linear mlp] [--out results/bench_ttt.json]
 
-Times are medians of repeated runs after warm-up, all forms measured in the same run, float32 on this machine.
+Times are medians of repeated runs after warm-up, both forms measured in the same run, float32 on this machine.
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ def _inputs(B, H, T, D, kind):
     return [t.requires_grad_() for t in x + state + ln]
 
 
-def _fwd_bwd(fn, kind, form, m):
+def _fwd_bwd(kind, form, m):
     core = ttt_linear if kind == "linear" else ttt_mlp
 
     def run(*ts):
-        n = 6 if kind == "linear" else 8
-        out = core(*ts[:4], *ts[4:n], *ts[n:], m, form=form)
+        out = core(*ts, m, form=form)
         out[0].square().mean().backward()
-    return run if fn is None else fn(run)
+    return run
 
 
 def time_it(run, inputs, repeats, warmup=2):
@@ -58,22 +57,19 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--mini-batch", type=int, default=16)
     p.add_argument("--kinds", nargs="+", default=["linear"], choices=["linear", "mlp"])
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the dual form")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, default=Path("results/bench_ttt.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    forms = ["primal", "dual"] + (["compiled"] if a.compile else [])
+    forms = ["primal", "dual"]
     rows = []
     for kind in a.kinds:
         for T in a.lengths:
             inputs = _inputs(a.batch, a.heads, T, a.head_dim, kind)
             row = {"kind": kind, "T": T}
             for form in forms:
-                compiled = torch.compile(dynamic=False) if form == "compiled" else None
-                run = _fwd_bwd(compiled, kind, "dual" if form == "compiled" else form, a.mini_batch)
-                row[f"{form}_ms"] = 1000 * time_it(run, inputs, a.repeats)
+                row[f"{form}_ms"] = 1000 * time_it(_fwd_bwd(kind, form, a.mini_batch), inputs, a.repeats)
             row["primal/dual"] = row["primal_ms"] / row["dual_ms"]
             rows.append(row)
             print(" | ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)

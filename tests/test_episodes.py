@@ -97,3 +97,12 @@ def test_omniglot_datamodule_real(omniglot_root):
     assert not set(dm.splits["train"].names) & set(dm.splits["test"].names)
     b = next(iter(dm.test_dataloader()))
     assert b["support"].shape == (10, 100, 1, 28, 28) and b["query"].shape == (10, 300, 1, 28, 28)
+
+
+def test_loader_workers_draw_different_episodes_every_epoch():
+    data, spec = _tagged(), EpisodeSpec(3, 1, 2)
+    loader = torch.utils.data.DataLoader(TrainEpisodes(data, spec, 4, 4, False, seed=0), batch_size=None,
+                                         num_workers=2, persistent_workers=True)
+    seen = [b["support"] for _ in range(2) for b in loader]
+    assert len(seen) == 8
+    assert len({x.numpy().tobytes() for x in seen}) == 8  # no batch repeats across workers or epochs

@@ -27,6 +27,7 @@ class TrainEpisodes(IterableDataset):
                  seed: int):
         self.data, self.spec, self.meta_batch_size, self.batches, self.rotations = data, spec, meta_batch_size, batches, rotations
         self.generator = torch.Generator().manual_seed(seed)
+        self.worker_generator = None  # set in each loader worker's copy of the dataset
 
     def __len__(self) -> int:
         return self.batches
@@ -34,9 +35,10 @@ class TrainEpisodes(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         gen, count = self.generator, self.batches
-        if worker is not None:  # loader workers: a generator per worker from the loader's per-epoch seed
-            gen = torch.Generator().manual_seed(worker.seed)
-            count = len(range(worker.id, self.batches, worker.num_workers))
+        if worker is not None:  # a generator per worker, seeded by the loader; kept across epochs (persistent)
+            if self.worker_generator is None:
+                self.worker_generator = torch.Generator().manual_seed(worker.seed)
+            gen, count = self.worker_generator, len(range(worker.id, self.batches, worker.num_workers))
         C, S = self.data.images.shape[:2]
         for _ in range(count):
             idx = sample_episodes(self.meta_batch_size, self.spec, C, S, gen, self.rotations)
