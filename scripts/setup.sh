@@ -23,8 +23,10 @@ CHECK
     $PIP "lightning>=2.4,<3" "torchmetrics>=1.4" "tensorboard>=2.15" "jsonargparse[signatures]>=4.32" "matplotlib>=3.8" "pytest>=8"
 fi
 
-# this checkout, editable (re-done when the installed ttt_meta points at another folder)
-if ! $PY -c "import ttt_meta, pathlib, sys; sys.exit(pathlib.Path(ttt_meta.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" 2>/dev/null; then
+# this checkout, editable (re-done when the installed ttt_meta points at another folder; checked from / so that
+# the checkout itself is not on the path)
+HERE=$(pwd -P)
+if ! (cd / && $PY -c "import ttt_meta, pathlib, sys; sys.exit(str(pathlib.Path(ttt_meta.__file__).resolve().parents[1]) != sys.argv[1])" "$HERE") 2>/dev/null; then
     echo "setup: installing ttt_meta from $(pwd)"
     $PIP --no-build-isolation --no-deps -e .
 fi
