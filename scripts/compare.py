@@ -104,7 +104,6 @@ def run_model(name: str, args, device) -> list[dict]:
     if not config.is_file():
         raise FileNotFoundError(f"no config {config} for model {name!r}; write one or drop it from --models")
     run = f"compare_{args.configs.name}_{args.setting}_{name}"
-    cli = build(config, args.override, run)
     steps = args.budget_steps or max(1, int(args.budget_seconds / step_seconds(build(config, args.override, run))))
     cli = build(config, args.override + [f"trainer.max_steps={steps}", "trainer.max_epochs=-1"], run)
     t0 = time.perf_counter()

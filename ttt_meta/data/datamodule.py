@@ -113,7 +113,8 @@ class EpisodeDataModule(L.LightningDataModule):
         return max(self.train_spec.ways, self.eval_spec.ways)
 
     def prepare_data(self) -> None:
-        self._load()  # decodes once and fills the cache
+        if self.hparams.dataset == "omniglot":
+            self._load()  # downloads if allowed, decodes once and fills the cache (synthetic: nothing to prepare)
 
     def _load(self) -> dict[str, ClassImages]:
         hp = self.hparams
