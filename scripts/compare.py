@@ -2,13 +2,14 @@
 
     python scripts/compare.py --setting 5w1s --budget-seconds 600
     python scripts/compare.py --setting 5w5s --budget-steps 2000 --models ttt_linear protonet maml
+    python scripts/compare.py --setting 5w1s --from-checkpoints     # re-score what an earlier run trained
 
 Each model comes from ``configs/<dataset>/<model>_<setting>.yaml`` (plus any ``--override key=value``, e.g.
 ``--override data.dataset=synthetic``). A time budget is turned into a step count from the model's measured
 step time, so every learning-rate schedule runs to its end. MAML is trained once and scored with 1, 5 and 10
 adaptation steps (rows ``maml_1``, ``maml_5``, ``maml_10``). Test cost is the wall time of the evaluation
-forward (adaptation included) per episode, with batches of ``eval_batch_size`` episodes, and the peak resident
-memory above the start of the measurement (Linux; CUDA: peak allocated).
+forward (adaptation included) per episode, with batches of ``eval_batch_size`` episodes, and the peak memory of
+the tensors one such batch allocates (profiler allocation events, measured after the timed pass).
 
 Writes results/compare_<dataset>_<setting>.json, .md and .png, and prints the table.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ttt_meta.cli import TTTMetaCLI, main as cli_main
+from ttt_meta.cli import TTTMetaCLI, check_checkpoint, main as cli_main
 from ttt_meta.learners import MAMLLearner
 from ttt_meta.learners.base import confidence_interval
 
@@ -58,26 +59,29 @@ def step_seconds(cli: TTTMetaCLI, steps: int = 8) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _peak_rss_reset() -> int | None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set size (Linux)
-        return _rss("VmRSS")
-    except OSError:
-        return None
+def peak_tensor_mb(model, batch) -> float:
+    """Peak memory (MB) of live tensors while `model` evaluates `batch`, from the profiler's allocation events.
 
+    Counts what the forward (and MAML's adaptation) allocates, not the weights already resident; the allocator's
+    cache and other processes cannot skew it, unlike resident-set measures. Run apart from the timed pass.
+    """
+    from torch.profiler import ProfilerActivity, profile
 
-def _rss(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    activities = [ProfilerActivity.CUDA if batch["support"].is_cuda else ProfilerActivity.CPU]
+    with torch.inference_mode(), profile(activities=activities, profile_memory=True) as prof:
+        model(batch)
+    key = "self_device_memory_usage" if batch["support"].is_cuda else "self_cpu_memory_usage"
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += getattr(event, key)
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def score(model, dm, device) -> dict:
     """Per-episode test accuracy on the fixed test episodes, with the evaluation time and peak memory."""
     model.eval().to(device)
     accs, seconds, episodes = [], 0.0, 0
-    base = _peak_rss_reset() if device.type == "cpu" else torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
         for batch in dm.test_dataloader():
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -90,29 +94,35 @@ def score(model, dm, device) -> dict:
             seconds += time.perf_counter() - t0
             episodes += len(logits)
             accs.append((logits.argmax(-1) == batch["query_labels"]).float().mean(1).cpu())
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = _rss("VmHWM") - base if base is not None else float("nan")
     mean, ci = confidence_interval(torch.cat(accs))
     return {"acc": mean, "ci95": ci, "episodes": episodes, "test_ms_per_episode": 1000 * seconds / episodes,
-            "test_episodes_per_s": episodes / seconds, "test_peak_mem_mb": peak / 2**20}
+            "test_episodes_per_s": episodes / seconds, "test_peak_mem_mb": peak_tensor_mb(model, batch)}
+
+
+def train(name: str, config: Path, run: str, args) -> tuple[TTTMetaCLI, dict]:
+    """Train `name` within the budget, or with --from-checkpoints load the weights a previous run left."""
+    if args.from_checkpoints:
+        cli = build(config, args.override, run)
+        path = Path(cli.config.checkpoint.dirpath) / "last.ckpt"
+        check_checkpoint(path, cli.model)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        cli.model.load_state_dict(ckpt["state_dict"])
+        return cli, {"train_steps": ckpt["global_step"], "train_seconds": float("nan")}
+    steps = args.budget_steps or max(1, int(args.budget_seconds / step_seconds(build(config, args.override, run))))
+    cli = build(config, args.override + [f"trainer.max_steps={steps}", "trainer.max_epochs=-1"], run)
+    t0 = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return cli, {"train_steps": steps, "train_seconds": time.perf_counter() - t0}
 
 
 def run_model(name: str, args, device) -> list[dict]:
     config = args.configs / f"{name}_{args.setting}.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config {config} for model {name!r}; write one or drop it from --models")
-    run = f"compare_{args.configs.name}_{args.setting}_{name}"
-    steps = args.budget_steps or max(1, int(args.budget_seconds / step_seconds(build(config, args.override, run))))
-    cli = build(config, args.override + [f"trainer.max_steps={steps}", "trainer.max_epochs=-1"], run)
-    t0 = time.perf_counter()
-    cli.trainer.fit(cli.model, cli.datamodule)
-    train_s = time.perf_counter() - t0
+    cli, common = train(name, config, f"compare_{args.configs.name}_{args.setting}_{name}", args)
     cli.datamodule.setup("test")
-    common = {"train_steps": steps, "train_seconds": train_s,
-              "train_episodes_per_s": steps * cli.datamodule.hparams.meta_batch_size / train_s,
-              "params": sum(p.numel() for p in cli.model.parameters())}
+    common.update(train_episodes_per_s=common["train_steps"] * cli.datamodule.hparams.meta_batch_size
+                  / common["train_seconds"], params=sum(p.numel() for p in cli.model.parameters()))
     if isinstance(cli.model, MAMLLearner) and name == "maml":
         rows = []
         for k in MAML_STEPS:
@@ -126,8 +136,9 @@ def write(rows: list[dict], args, meta: dict) -> str:
     stem = args.out / f"compare_{meta['dataset']}_{args.setting}"
     args.out.mkdir(parents=True, exist_ok=True)
     ttt = next((r for r in rows if r["model"] == "ttt_linear"), None)
-    head = "| model | test acc % (95% CI) | test ms / episode | episodes / s | peak MB | cost / TTT-Linear | train steps | params |"
-    lines = [f"{meta['dataset']} {args.setting}: {meta['budget']}, {meta['test_episodes']} test episodes, {meta['device']}",
+    head = "| model | test acc % (95% CI) | test ms / episode | episodes / s | peak MB / batch | cost / TTT-Linear | train steps | params |"
+    lines = [f"{meta['dataset']} {args.setting}: {meta['budget']}, {meta['test_episodes']} test episodes in batches of "
+             f"{meta['eval_batch_size']}, {meta['device']}",
              "", head, "|" + "---|" * 8]
     for r in rows:
         ratio = f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x" if ttt else "-"
@@ -154,6 +165,12 @@ def write(rows: list[dict], args, meta: dict) -> str:
     return table
 
 
+def budget_text(args) -> str:
+    if args.from_checkpoints:
+        return "trained earlier (--from-checkpoints)"
+    return f"{args.budget_seconds:.0f} s per model" if args.budget_seconds else f"{args.budget_steps} steps per model"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", default="5w1s", help="5w1s, 5w5s, 20w1s or 20w5s")
@@ -162,6 +179,8 @@ def main(argv=None):
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-seconds", type=float)
     budget.add_argument("--budget-steps", type=int)
+    budget.add_argument("--from-checkpoints", action="store_true",
+                        help="no training: score the last.ckpt that an earlier run of this comparison left")
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value for every model")
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
@@ -171,9 +190,9 @@ def main(argv=None):
         rows += run_model(name, args, device)
     dm = build(args.configs / f"{args.models[0]}_{args.setting}.yaml", args.override, "compare").datamodule
     meta = {"dataset": dm.hparams.dataset, "setting": args.setting, "test_episodes": dm.hparams.test_episodes,
-            "test_seed": dm.hparams.test_seed, "device": torch.cuda.get_device_name() if device.type == "cuda"
+            "test_seed": dm.hparams.test_seed, "eval_batch_size": dm.hparams.eval_batch_size, "device": torch.cuda.get_device_name() if device.type == "cuda"
             else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-            "budget": f"{args.budget_seconds:.0f} s per model" if args.budget_seconds else f"{args.budget_steps} steps per model",
+            "budget": budget_text(args),
             "torch": torch.__version__}
     print(write(rows, args, meta))
     return rows

@@ -69,9 +69,12 @@ def test_fixed_episodes_are_fixed_and_streams_differ():
     s2 = next(iter(TrainEpisodes(data, spec, 4, 10, False, seed=1)))
     assert not torch.equal(s1["support"], s2["support"])
     stream = TrainEpisodes(data, spec, 4, 3, False, seed=0)
-    assert len(list(stream)) == 3
-    first, second = next(iter(stream)), next(iter(stream))  # the stream goes on across epochs
-    assert not torch.equal(first["support"], second["support"])
+    first = list(stream)
+    assert [b["batch_index"] for b in first] == [0, 1, 2]
+    assert torch.equal(next(iter(stream))["support"], first[0]["support"])  # a batch number gives its batch
+    stream.start = 3  # what the data module does as batches are consumed: the next epoch goes on
+    assert [b["batch_index"] for b in stream] == [3, 4, 5]
+    assert not torch.equal(next(iter(stream))["support"], first[0]["support"])
 
 
 def test_datamodule_synthetic():
@@ -100,9 +103,10 @@ def test_omniglot_datamodule_real(omniglot_root):
 
 
 def test_loader_workers_draw_different_episodes_every_epoch():
-    data, spec = _tagged(), EpisodeSpec(3, 1, 2)
-    loader = torch.utils.data.DataLoader(TrainEpisodes(data, spec, 4, 4, False, seed=0), batch_size=None,
-                                         num_workers=2, persistent_workers=True)
-    seen = [b["support"] for _ in range(2) for b in loader]
+    dm = EpisodeDataModule(dataset="synthetic", ways=3, shots=1, queries=2, meta_batch_size=4,
+                           train_batches_per_epoch=4, num_workers=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    seen = [dm.on_after_batch_transfer(b, 0)["support"] for _ in range(2) for b in loader]  # 2 epochs, consumed
     assert len(seen) == 8
     assert len({x.numpy().tobytes() for x in seen}) == 8  # no batch repeats across workers or epochs

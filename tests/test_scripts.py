@@ -28,6 +28,22 @@ def test_compare_tiny(tmp_path, monkeypatch):
                          "--models", "ttt_linear", "lstm", "protonet", "maml", "--override", *overrides,
                          "--out", str(tmp_path / "results")])
     assert [r["model"] for r in rows] == ["ttt_linear", "lstm", "protonet", "maml_1", "maml_5", "maml_10"]
-    assert all(r["episodes"] == 6 and r["test_ms_per_episode"] > 0 for r in rows)
+    assert all(r["episodes"] == 6 and r["test_ms_per_episode"] > 0 and r["test_peak_mem_mb"] > 0 for r in rows)
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / "results" / f"compare_synthetic_5w1s{suffix}").stat().st_size > 0
+    again = compare.main(["--setting", "5w1s", "--configs", str(ROOT / "configs" / "omniglot"), "--from-checkpoints",
+                          "--models", "ttt_linear", "protonet", "--override", *overrides, "--out", str(tmp_path / "again")])
+    assert [(r["model"], r["acc"], r["train_steps"]) for r in again] == [(r["model"], r["acc"], 2) for r in rows[::2][:2]]
+
+
+def test_peak_tensor_memory_counts_live_tensors():
+    import compare
+    import torch
+
+    def model(batch):  # 4 MB, then 8 MB more while the first is still held, then both freed
+        a = torch.ones(2**20)
+        b = torch.ones(2**21)
+        return a.sum() + b.sum()
+
+    peak = compare.peak_tensor_mb(model, {"support": torch.zeros(1)})
+    assert 12 <= peak < 13

@@ -1,21 +1,63 @@
 """Command line: ``python -m ttt_meta fit|validate|test --config FILE`` (LightningCLI).
 
 Defaults: TensorBoard runs under ``logs/<run_name>/``, checkpoints under ``checkpoints/<run_name>/`` (the best
-by validation accuracy and ``last.ckpt``), a fixed seed. ``run_name`` defaults to the config file's name.
-``test`` writes ``test_results.json`` (mean accuracy and 95% interval) into the run's log folder.
+by validation accuracy, and ``last.ckpt`` every ``last_checkpoint.every_n_steps`` steps), a fixed seed.
+``run_name`` defaults to the config file's name. ``test`` writes ``test_results.json`` (mean accuracy and 95%
+interval) into the run's log folder. Before anything runs or is written, the data, the episodes and any
+``--ckpt_path`` are checked against the model, with errors that say what to change.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks import LastCheckpoint
 from .data.datamodule import EpisodeDataModule
 from .learners import EpisodicLearner
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint at `path`, or a clear error when it is missing, unreadable or not a checkpoint of this app."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; runs write theirs under checkpoints/<run_name>/ "
+                                f"(last.ckpt, best-*.ckpt): pass one of those to --ckpt_path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for damaged files
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); the file is damaged "
+                         f"or not a checkpoint: use another one (e.g. best-*.ckpt beside it) or train again") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {path} holds no 'state_dict': it is not a Lightning checkpoint of this app")
+    return ckpt
+
+
+def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Raise a clear error when the checkpoint at `path` cannot restore `model` (another model or shape); warn
+    about settings that differ without changing the weights' shapes (the configured values are used)."""
+    ckpt = read_checkpoint(path)
+    state, own = ckpt["state_dict"], model.state_dict()
+    theirs, ours = ckpt.get("hyper_parameters") or {}, dict(getattr(model, "hparams", {}))
+    theirs_class = str(theirs.get("_class_path", "?")).rsplit(".", 1)[-1]
+    differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if k in theirs and theirs[k] != ours[k]]
+    problems = [f"{k} missing" for k in own if k not in state][:3]
+    problems += [f"unexpected {k}" for k in state if k not in own][:3]
+    problems += [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape][:3]
+    if problems:
+        raise ValueError(f"checkpoint {path} holds another model ({theirs_class}) than the configured "
+                         f"{type(model).__name__}: {'; '.join(problems)}. Settings that differ: "
+                         f"{'; '.join(differ) or 'none recorded'}. Use the config the checkpoint was trained with "
+                         f"(its run's config.yaml under logs/) or a checkpoint of this model")
+    if differ:
+        warnings.warn(f"checkpoint {path} was trained with other settings, the configured ones are used: "
+                      f"{'; '.join(differ)}")
 
 
 class TTTMetaCLI(LightningCLI):
@@ -23,9 +65,18 @@ class TTTMetaCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Name of the run's log and checkpoint folders (default: the config file's name).")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
+        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
                              "checkpoint.filename": "best-{step}-{val/acc:.4f}",
-                             "checkpoint.auto_insert_metric_name": False})
+                             "checkpoint.auto_insert_metric_name": False, "checkpoint.save_last": False})
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+
+    def _parse_ckpt_path(self) -> None:
+        """The config defines the model and the checkpoint gives its weights (Lightning would instead rebuild the
+        model from the checkpoint's settings, silently replacing the configured ones): only check the file here,
+        and the model against it once built (``_check_inputs``)."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            read_checkpoint(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -34,9 +85,29 @@ class TTTMetaCLI(LightningCLI):
         cfg.run_name = name
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(Path("checkpoints") / name)
+        if cfg.last_checkpoint.dirpath is None:
+            cfg.last_checkpoint.dirpath = cfg.checkpoint.dirpath
         if cfg.trainer.logger is None or cfg.trainer.logger is True:
             cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                   "init_args": {"save_dir": "logs", "name": name}}
+
+    def _check_inputs(self, stage: str) -> None:
+        """Data, episodes, model and checkpoint checked before the trainer runs or writes anything."""
+        self.datamodule.prepare_data()
+        self.datamodule.setup(stage)
+        self.model.check_data(self.datamodule)
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            check_checkpoint(ckpt_path, self.model)
+
+    def before_fit(self) -> None:
+        self._check_inputs("fit")
+
+    def before_validate(self) -> None:
+        self._check_inputs("validate")
+
+    def before_test(self) -> None:
+        self._check_inputs("test")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TTTMetaCLI:
@@ -46,5 +117,6 @@ def main(args: list[str] | None = None, run: bool = True) -> TTTMetaCLI:
     return TTTMetaCLI(
         EpisodicLearner, EpisodeDataModule, subclass_mode_model=True, seed_everything_default=0,
         trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")], "max_epochs": 20,
-                          "gradient_clip_val": 1.0, "log_every_n_steps": 25},
+                          "gradient_clip_val": 1.0, "log_every_n_steps": 25,
+                          "use_distributed_sampler": False},  # the data module shards episodes by rank itself
         save_config_kwargs={"overwrite": True}, args=args, run=run, auto_configure_optimizers=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from .episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
 
 DATASETS = ("omniglot", "synthetic")
+# Lightning warns that a mid-epoch resume repeats batches unless the loader itself is stateful; ours resumes
+# through the data module's state (state_dict below), so the warning does not apply.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -20,29 +24,29 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
 
 
 class TrainEpisodes(IterableDataset):
-    """An endless stream of meta-batches, `batches` of them per epoch. Each process (rank, loader worker) has its
-    own generator, so every one draws different episodes; the stream goes on across epochs."""
+    """The training stream: `batches` meta-batches per epoch, starting at batch number `start`.
+
+    Batch i is drawn with a generator seeded by (seed, i) alone, so the stream is the same with any number of
+    loader workers (worker w yields i = start + w, start + w + W, ...), and a resumed run picks it up at any batch.
+    Each batch carries its number under "batch_index" (the data module removes it before the learner sees it).
+    """
 
     def __init__(self, data: ClassImages, spec: EpisodeSpec, meta_batch_size: int, batches: int, rotations: bool,
-                 seed: int):
+                 seed: int, start: int = 0):
         self.data, self.spec, self.meta_batch_size, self.batches, self.rotations = data, spec, meta_batch_size, batches, rotations
-        self.generator = torch.Generator().manual_seed(seed)
-        self.worker_generator = None  # set in each loader worker's copy of the dataset
+        self.seed, self.start = seed, start
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self):
         worker = get_worker_info()
-        gen, count = self.generator, self.batches
-        if worker is not None:  # a generator per worker, seeded by the loader; kept across epochs (persistent)
-            if self.worker_generator is None:
-                self.worker_generator = torch.Generator().manual_seed(worker.seed)
-            gen, count = self.worker_generator, len(range(worker.id, self.batches, worker.num_workers))
+        first, step = (0, 1) if worker is None else (worker.id, worker.num_workers)
         C, S = self.data.images.shape[:2]
-        for _ in range(count):
+        for i in range(self.start + first, self.start + self.batches, step):
+            gen = torch.Generator().manual_seed(hash((self.seed, i)) % 2**63)
             idx = sample_episodes(self.meta_batch_size, self.spec, C, S, gen, self.rotations)
-            yield materialize(self.data.images, idx, self.spec.shots)
+            yield {**materialize(self.data.images, idx, self.spec.shots), "batch_index": i}
 
 
 class FixedEpisodes(Dataset):
@@ -107,6 +111,8 @@ class EpisodeDataModule(L.LightningDataModule):
         self.train_spec = EpisodeSpec(ways, shots, queries)
         self.eval_spec = EpisodeSpec(eval_ways or ways, eval_shots or shots, eval_queries or queries)
         self.splits: dict[str, ClassImages] | None = None
+        self.train_stream: TrainEpisodes | None = None
+        self.resume_at = 0  # the training batch to start from, restored from a checkpoint
 
     @property
     def max_ways(self) -> int:
@@ -132,19 +138,37 @@ class EpisodeDataModule(L.LightningDataModule):
             C, S = self.splits[split].images.shape[:2]
             spec.check(C, S, split)
 
-    def _seed(self) -> int:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        return torch.initial_seed() % 2**31 + 100_003 * rank
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        stream = TrainEpisodes(self.splits["train"], self.train_spec, hp.meta_batch_size, hp.train_batches_per_epoch,
-                               hp.rotations, self._seed())
-        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+        rank, _ = self._rank()
+        seed = torch.initial_seed() % 2**31 + 100_003 * rank  # every rank draws its own episodes
+        self.train_stream = TrainEpisodes(self.splits["train"], self.train_spec, hp.meta_batch_size,
+                                          hp.train_batches_per_epoch, hp.rotations, seed, start=self.resume_at)
+        # workers are forked for each epoch, so each epoch's copy of the stream starts at the current batch
+        return DataLoader(self.train_stream, batch_size=None, num_workers=hp.num_workers)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if "batch_index" in batch:  # a training batch is consumed (not merely prefetched): the stream moves on
+            self.train_stream.start = int(batch.pop("batch_index")) + 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """The stream's position, saved in checkpoints (Lightning restores it before it asks for the loader)."""
+        return {"next_train_batch": self.train_stream.start if self.train_stream is not None else self.resume_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = int(state["next_train_batch"])
 
     def _fixed(self, split: str, episodes: int, seed: int) -> DataLoader:
-        return DataLoader(FixedEpisodes(self.splits[split], self.eval_spec, episodes, seed),
-                          batch_size=self.hparams.eval_batch_size, collate_fn=_identity)
+        """The fixed episodes of `split`; with several processes, each scores its own share, none twice."""
+        rank, world = self._rank()
+        fixed = FixedEpisodes(self.splits[split], self.eval_spec, episodes, seed)
+        shard = torch.utils.data.Subset(fixed, range(rank, episodes, world)) if world > 1 else fixed
+        return DataLoader(shard, batch_size=self.hparams.eval_batch_size, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed("val", self.hparams.val_episodes, self.hparams.val_seed)

@@ -40,6 +40,13 @@ class EpisodicLearner(L.LightningModule):
         self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
 
+    def check_data(self, datamodule) -> None:
+        """Raise a clear ValueError when this model cannot serve the data module's episodes (none by default)."""
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.datamodule is not None:
+            self.check_data(self.trainer.datamodule)
+
     @staticmethod
     def images(x: Tensor) -> Tensor:
         return x.float().div_(255)
@@ -53,11 +60,21 @@ class EpisodicLearner(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, acc = self._step(batch)
+        self.stop_if_not_finite(loss)
         self.train_acc(acc)
         n = len(acc)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         return loss
+
+    def stop_if_not_finite(self, loss: Tensor) -> None:
+        """Stop the run (every process) before a NaN or infinite loss reaches the weights."""
+        bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        if bad:
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at step {self.global_step}: the run stops before it reaches the "
+                f"weights; the last good state is in the run's last.ckpt. Lower model.init_args.lr, keep "
+                f"trainer.gradient_clip_val, or resume from last.ckpt with a smaller learning rate")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, acc = self._step(batch)
@@ -66,27 +83,33 @@ class EpisodicLearner(L.LightningModule):
         self.log("val/loss", self.val_loss, on_epoch=True, batch_size=len(acc))
         self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=len(acc))
 
+    def on_test_epoch_start(self) -> None:
+        self.test_episodes_here = 0  # this process's share, reported per process
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         _, acc = self._step(batch)
         self.test_acc.update(acc)
+        self.test_episodes_here += len(acc)
 
     def on_test_epoch_end(self) -> None:
-        acc = self.test_acc.compute().float().flatten()
+        acc = self.test_acc.compute().float().flatten()  # every process's episodes, each once
         self.test_acc.reset()
+        per_process = self.all_gather(torch.tensor(self.test_episodes_here, device=self.device)).flatten().tolist()
         mean, ci = confidence_interval(acc)
         self.log_dict({"test/acc": mean, "test/ci95": ci, "test/episodes": float(acc.numel())}, sync_dist=False)
+        log_dir = Path(self.trainer.log_dir or ".")  # a collective call under DDP: every process asks
         if self.trainer.is_global_zero:
-            self.write_test_report(mean, ci, acc.numel())
+            self.write_test_report(log_dir, mean, ci, acc.numel(), per_process)
 
-    def write_test_report(self, mean: float, ci: float, episodes: int) -> None:
+    def write_test_report(self, log_dir: Path, mean: float, ci: float, episodes: int, per_process: list[int]) -> None:
         dm = self.trainer.datamodule
         spec = getattr(dm, "eval_spec", None)
-        report = {"acc": mean, "ci95": ci, "episodes": episodes, "model": type(self).__name__,
+        report = {"acc": mean, "ci95": ci, "episodes": episodes, "episodes_per_process": per_process,
+                  "model": type(self).__name__,
                   "hparams": dict(self.hparams), "ckpt_path": self.trainer.ckpt_path}
         if spec is not None:
             report.update(ways=spec.ways, shots=spec.shots, queries=spec.queries, dataset=dm.hparams.dataset,
                           test_seed=dm.hparams.test_seed)
-        log_dir = Path(self.trainer.log_dir or ".")
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / "test_results.json"
         path.write_text(json.dumps(report, indent=1, default=str))

@@ -44,6 +44,12 @@ class MAMLLearner(EpisodicLearner):
         self.maml = algo(net, lr=inner_lr, first_order=first_order)
         self.adaptation_steps = test_steps  # what evaluation uses; compare.py sets it per row
 
+    def check_data(self, datamodule) -> None:
+        ways = {datamodule.train_spec.ways, datamodule.eval_spec.ways}
+        if ways != {self.hparams.ways}:
+            raise ValueError(f"the data asks for {sorted(ways)}-way episodes but this MAML head has "
+                             f"{self.hparams.ways} ways; set model.init_args.ways to the data's ways")
+
     def adapt(self, support: Tensor, labels: Tensor, steps: int) -> nn.Module:
         """A clone of the meta-model after `steps` gradient steps on one episode's support loss."""
         learner = self.maml.clone()

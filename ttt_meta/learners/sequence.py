@@ -35,9 +35,8 @@ class SequenceMetaLearner(EpisodicLearner):
             num_heads=num_heads, max_ways=max_ways, mini_batch_size=mini_batch_size, eta_base=eta_base,
             share_qk=share_qk)
 
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        ways = getattr(dm, "max_ways", 0)
+    def check_data(self, datamodule) -> None:
+        ways = getattr(datamodule, "max_ways", 0)
         if ways > self.hparams.max_ways:
             raise ValueError(f"the data asks for {ways}-way episodes but model.max_ways is {self.hparams.max_ways}; "
                              f"raise model.init_args.max_ways (a checkpoint cannot grow it)")

@@ -32,6 +32,7 @@ def _support_count(write_mask: Tensor) -> int:
 class LSTMCore(nn.Module):
     """An ``nn.LSTM`` layer (cuDNN-capable) over the supports, then one step per query from the supports' state.
 
+    The forget gate's bias starts at 1 (Jozefowicz et al. 2015), so the state is kept by default.
     hidden: the LSTM's size; None sizes it so the core has about `reference_params` parameters
     (4h(w + h) + 8h for the LSTM, h w for the projection back to the width w).
     """
@@ -42,6 +43,9 @@ class LSTMCore(nn.Module):
             b = 5 * width + 8
             hidden = max(8, int((-b + math.sqrt(b * b + 16 * reference_params)) / 8)) if reference_params else width
         self.lstm = nn.LSTM(width, hidden, batch_first=True)
+        with torch.no_grad():  # forget-gate bias 1 (gate order i, f, g, o): remember by default
+            self.lstm.bias_ih_l0[hidden:2 * hidden].fill_(1.0)
+            self.lstm.bias_hh_l0[hidden:2 * hidden].zero_()
         self.out = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: Tensor, write_mask: Tensor | None = None) -> Tensor:
