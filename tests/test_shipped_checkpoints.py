@@ -21,3 +21,23 @@ def test_shipped_checkpoint(ckpt, omniglot_root, tmp_path, monkeypatch):
     report = json.loads(next(tmp_path.glob("logs/*/version_*/test_results.json")).read_text())
     assert report["episodes"] == 100
     assert abs(report["acc"] - recorded["acc"]) <= 0.02, (report["acc"], recorded["acc"])
+
+
+def test_predict_real_omniglot_files(omniglot_root, tmp_path):
+    """predict on the raw PNG files (dark strokes on white, 105 px) of 5 test characters: 1 shot, 5 queries each."""
+    import shutil
+
+    names = json.loads((ROOT / "ttt_meta" / "data" / "omniglot_split.json").read_text())["test"][:5]
+    base = omniglot_root / "omniglot" / "omniglot-py"
+    for name in names:
+        folder = next(base.glob(f"images_*/{name}"))
+        files = sorted(folder.glob("*.png"))
+        label = name.replace("/", "_")
+        for split, chosen in (("support", files[:1]), ("query", files[1:6])):
+            (tmp_path / split / label).mkdir(parents=True)
+            for f in chosen:
+                shutil.copy(f, tmp_path / split / label / f.name)
+    result = main(["predict", "--ckpt_path", str(ROOT / "checkpoints" / "omniglot" / "ttt_linear_5w1s.ckpt"),
+                   "--support", str(tmp_path / "support"), "--query", str(tmp_path / "query"),
+                   "--out", str(tmp_path / "p.csv")])
+    assert result["queries"] == 25 and result["acc"] >= 0.8, result

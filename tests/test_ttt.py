@@ -189,3 +189,24 @@ def test_bad_arguments():
         TTTLinear(10, 3)
     with pytest.raises(ValueError, match="form"):
         TTTMLP(8, 2, form="fast")
+
+
+@pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
+def test_recorded_inner_loss_matches_the_update(cls):
+    """inner_loss at the recorded start state is the loss the layer descends: with one mini-batch, the end state
+    equals start - eta-weighted grad of it, and the loss of the writing tokens goes down."""
+    torch.manual_seed(0)
+    layer = cls(16, 2, mini_batch_size=8, eta_base=1.0).double()
+    x = torch.randn(3, 8, 16, dtype=torch.float64)
+    mask = torch.arange(8) < 6
+    layer.record = True
+    layer(x, mask.expand(3, -1))
+    r = layer.last_record
+    start = tuple(t.expand(3, *t.shape).clone().requires_grad_() for t in r["start"])  # one state per episode
+    loss = (r["eta"] * layer.inner_loss(r["k"], r["v"], start)).sum()
+    grads = torch.autograd.grad(loss, start)
+    for s0, g, end in zip(start, grads, r["end"], strict=True):
+        torch.testing.assert_close(s0.detach() - g, end, rtol=1e-9, atol=1e-12)
+    before = layer.inner_loss(r["k"], r["v"], r["start"])[..., :6].mean()
+    after = layer.inner_loss(r["k"], r["v"], r["end"])[..., :6].mean()
+    assert after < before

@@ -10,6 +10,7 @@ interval) into the run's log folder. Before anything runs or is written, the dat
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import LastCheckpoint
 from .data.datamodule import EpisodeDataModule
+from .inspection import ConfigLogger, InnerLoopMonitor
 from .learners import EpisodicLearner
 
 
@@ -61,6 +63,11 @@ def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> None:
 
 
 class TTTMetaCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate, test; ``predict`` is this app's own (``ttt_meta.predict``), not Trainer.predict."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Name of the run's log and checkpoint folders (default: the config file's name).")
@@ -69,6 +76,7 @@ class TTTMetaCLI(LightningCLI):
                              "checkpoint.filename": "best-{step}-{val/acc:.4f}",
                              "checkpoint.auto_insert_metric_name": False, "checkpoint.save_last": False})
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(InnerLoopMonitor, "inspect")
 
     def _parse_ckpt_path(self) -> None:
         """The config defines the model and the checkpoint gives its weights (Lightning would instead rebuild the
@@ -89,7 +97,7 @@ class TTTMetaCLI(LightningCLI):
             cfg.last_checkpoint.dirpath = cfg.checkpoint.dirpath
         if cfg.trainer.logger is None or cfg.trainer.logger is True:
             cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                  "init_args": {"save_dir": "logs", "name": name}}
+                                  "init_args": {"save_dir": "logs", "name": name, "default_hp_metric": False}}
 
     def _check_inputs(self, stage: str) -> None:
         """Data, episodes, model and checkpoint checked before the trainer runs or writes anything."""
@@ -110,13 +118,19 @@ class TTTMetaCLI(LightningCLI):
         self._check_inputs("test")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> TTTMetaCLI:
+def main(args: list[str] | None = None, run: bool = True):
     """Parse `args` (default: the command line) and run the subcommand; with run=False, `args` hold no
-    subcommand and the model, data module and trainer are only built (``cli.model``, ``cli.datamodule``, ...)."""
+    subcommand and the model, data module and trainer are only built (``cli.model``, ``cli.datamodule``, ...).
+    ``predict`` goes to ``ttt_meta.predict.main``."""
     torch.set_num_threads(int(os.environ.get("TTT_META_THREADS", os.cpu_count() or 1)))
+    argv = sys.argv[1:] if args is None else args
+    if run and argv[:1] == ["predict"]:
+        from .predict import main as predict
+
+        return predict(argv[1:])
     return TTTMetaCLI(
         EpisodicLearner, EpisodeDataModule, subclass_mode_model=True, seed_everything_default=0,
         trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")], "max_epochs": 20,
                           "gradient_clip_val": 1.0, "log_every_n_steps": 25,
                           "use_distributed_sampler": False},  # the data module shards episodes by rank itself
-        save_config_kwargs={"overwrite": True}, args=args, run=run, auto_configure_optimizers=False)
+        save_config_callback=ConfigLogger, save_config_kwargs={"overwrite": True}, args=args, run=run, auto_configure_optimizers=False)

@@ -107,7 +107,7 @@ class EpisodeDataModule(L.LightningDataModule):
                             ("eval_batch_size", eval_batch_size), ("image_size", image_size)]:
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.train_spec = EpisodeSpec(ways, shots, queries)
         self.eval_spec = EpisodeSpec(eval_ways or ways, eval_shots or shots, eval_queries or queries)
         self.splits: dict[str, ClassImages] | None = None

@@ -47,6 +47,13 @@ class EpisodicLearner(L.LightningModule):
         if self.trainer is not None and self.trainer.datamodule is not None:
             self.check_data(self.trainer.datamodule)
 
+    def record_inner_loop(self, on: bool) -> None:
+        """Keep (on) or stop keeping what the next forwards' test-time adaptation did, for inner_loop_stats."""
+
+    def inner_loop_stats(self) -> dict[str, Tensor]:
+        """Scalars about the last recorded forward's adaptation, by TensorBoard tag (none by default)."""
+        return {}
+
     @staticmethod
     def images(x: Tensor) -> Tensor:
         return x.float().div_(255)

@@ -37,12 +37,13 @@ class MAMLLearner(EpisodicLearner):
         super().__init__(lr, weight_decay, warmup_steps)
         if train_steps < 1 or test_steps < 0:
             raise ValueError(f"need train_steps >= 1 and test_steps >= 0, got {train_steps} and {test_steps}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         enc = make_encoder(encoder, in_channels, encoder_channels, image_size, batch_stats=True)
         net = nn.Sequential(enc, nn.Linear(enc.out_features, ways))
         algo = l2l.algorithms.MetaSGD if meta_sgd else l2l.algorithms.MAML
         self.maml = algo(net, lr=inner_lr, first_order=first_order)
         self.adaptation_steps = test_steps  # what evaluation uses; compare.py sets it per row
+        self.record, self.support_losses = False, []  # (before, after) adaptation, per episode, when recording
 
     def check_data(self, datamodule) -> None:
         ways = {datamodule.train_spec.ways, datamodule.eval_spec.ways}
@@ -53,9 +54,26 @@ class MAMLLearner(EpisodicLearner):
     def adapt(self, support: Tensor, labels: Tensor, steps: int) -> nn.Module:
         """A clone of the meta-model after `steps` gradient steps on one episode's support loss."""
         learner = self.maml.clone()
+        before = None
         for _ in range(steps):
-            learner.adapt(F.cross_entropy(learner(support), labels))
+            loss = F.cross_entropy(learner(support), labels)
+            before = loss.detach() if before is None else before
+            learner.adapt(loss)
+        if self.record and before is not None:  # one more support forward, only when recording
+            with torch.no_grad():
+                self.support_losses.append((before, F.cross_entropy(learner(support), labels)))
         return learner
+
+    def record_inner_loop(self, on: bool) -> None:
+        self.record, self.support_losses = on, []
+
+    def inner_loop_stats(self) -> dict[str, Tensor]:
+        """Support loss of the episodes before and after adaptation (mean), and their ratio."""
+        if not self.support_losses:
+            return {}
+        before, after = (torch.stack(x).mean() for x in zip(*self.support_losses))
+        return {"maml/support_loss_before": before, "maml/support_loss_after": after,
+                "maml/support_loss_ratio": after / before}
 
     def forward(self, batch: dict) -> Tensor:
         if batch["ways"] != self.hparams.ways:

@@ -29,7 +29,7 @@ class SequenceMetaLearner(EpisodicLearner):
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
         super().__init__(lr, weight_decay, warmup_steps)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, mini_batch_size=mini_batch_size, eta_base=eta_base,
@@ -48,10 +48,39 @@ class SequenceMetaLearner(EpisodicLearner):
         return self.model(self.images(batch["support"]), batch["support_labels"], self.images(batch["query"]),
                           batch["ways"])
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = super().training_step(batch, batch_idx)
-        for name, layer in self.ttt_layers():  # mean inner learning rate of the writing tokens
-            eta = layer.last_eta
-            self.log(f"ttt/{name.removeprefix('model.')}/eta_mean", eta.sum() / (eta > 0).sum().clamp_min(1),
-                     batch_size=len(eta))
-        return loss
+    def record_inner_loop(self, on: bool) -> None:
+        for _, layer in self.ttt_layers():
+            layer.record, layer.last_record = on, None
+
+    def inner_loss_curves(self, episode: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per TTT layer, the inner loss of each support token of `episode` (mean over heads) under the initial
+        and under the final state: ([NK], [NK]). From the last recorded forward."""
+        curves = {}
+        for name, layer in self.ttt_layers():
+            r = layer.last_record
+            if r is not None:
+                writes = r["eta"][episode, 0] > 0
+                k, v = r["k"][episode], r["v"][episode]  # [H, T, D]; the end state is [B, H, ...]
+                before = layer.inner_loss(k, v, r["start"]).mean(0)[writes]
+                after = layer.inner_loss(k, v, tuple(t[episode] for t in r["end"])).mean(0)[writes]
+                curves[name.removeprefix("model.")] = (before, after)
+        return curves
+
+    def inner_loop_stats(self) -> dict[str, Tensor]:
+        """Per TTT layer: inner loss of the support tokens under W0 and under the final state (and their ratio),
+        the inner learning rate of the writing tokens (mean, min, max), and ||W_end - W0|| (mean over episodes)."""
+        stats = {}
+        for name, layer in self.ttt_layers():
+            r = layer.last_record
+            if r is None:
+                continue
+            tag, writes = f"ttt/{name.removeprefix('model.')}", r["eta"] > 0
+            before = layer.inner_loss(r["k"], r["v"], r["start"])[writes].mean()
+            after = layer.inner_loss(r["k"], r["v"], r["end"])[writes].mean()
+            eta = r["eta"][writes]
+            change = sum((e - s).square().flatten(1).sum(1) for s, e in zip(r["start"], r["end"], strict=True))
+            stats.update({f"{tag}/inner_loss_before": before, f"{tag}/inner_loss_after": after,
+                          f"{tag}/inner_loss_ratio": after / before, f"{tag}/eta_mean": eta.mean(),
+                          f"{tag}/eta_min": eta.min(), f"{tag}/eta_max": eta.max(),
+                          f"{tag}/state_change": change.sqrt().mean()})
+        return stats

@@ -233,7 +233,9 @@ class TTTLayer(nn.Module):
     Learned pieces, by name: ``theta_kv`` (and ``theta_q`` unless share_qk), ``theta_o``, ``eta_gate``
     (eta = eta_base * sigmoid(eta_gate(x)) / D per head), ``ln_weight``/``ln_bias`` (inner LN) and the
     initial state (``W0``, ``b0`` or ``W1``, ``b1``, ``W2``, ``b2``). After a forward, ``last_eta`` holds the
-    inner learning rates used [B, H, T] (detached).
+    inner learning rates used [B, H, T] (detached). With ``record = True`` a forward also keeps, detached,
+    ``last_record = {"k", "v" [B, H, T, D], "eta" [B, H, T], "start", "end" (states)}`` for inspection
+    (``inner_loss``); it costs no extra computation.
     """
 
     def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
@@ -258,6 +260,7 @@ class TTTLayer(nn.Module):
         self.theta_o = nn.Linear(width, width, bias=False)
         nn.init.normal_(self.eta_gate.weight, std=0.02)
         nn.init.zeros_(self.eta_gate.bias)
+        self.record, self.last_record = False, None
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -275,6 +278,15 @@ class TTTLayer(nn.Module):
     def initial_state(self) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
+    def f_res(self, z: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        """The inner model's residual branch f_res(z; state): z [B, H, T, D] -> [B, H, T, D]."""
+        raise NotImplementedError
+
+    def inner_loss(self, k: Tensor, v: Tensor, state: tuple[Tensor, ...]) -> Tensor:
+        """Per-token inner loss 0.5 ||k + LN(f_res(k; state)) - v||^2: [B, H, T]."""
+        y = _ln(self.f_res(k, state), self.ln_weight.unsqueeze(1), self.ln_bias.unsqueeze(1))[0]
+        return 0.5 * (k + y - v).square().sum(-1)
+
     def inner(self, q, k, v, eta, state) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Run the inner model from `state`: (z [B, H, T, D], end state)."""
         raise NotImplementedError
@@ -284,9 +296,13 @@ class TTTLayer(nn.Module):
             raise ValueError(f"inner_epochs must be >= 1, got {inner_epochs}")
         q, k, v, eta = self.views(x, write_mask)
         self.last_eta = eta.detach()  # [B, H, T], for logging
-        state = self.initial_state()
+        state = start = self.initial_state()
         for _ in range(inner_epochs):
             z, state = self.inner(q, k, v, eta, state)
+        if self.record:
+            detach = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
+            self.last_record = {"k": k.detach(), "v": v.detach(), "eta": self.last_eta, "start": detach(start),
+                                "end": detach(state)}
         B, T, _ = x.shape
         return self.theta_o(self.post_norm(z.transpose(1, 2).reshape(B, T, self.width)))
 
@@ -302,6 +318,10 @@ class TTTLinear(TTTLayer):
 
     def initial_state(self):
         return self.W0, self.b0
+
+    def f_res(self, z, state):
+        W, b = state
+        return z @ W + b.unsqueeze(-2)
 
     def inner(self, q, k, v, eta, state):
         z, W, b = ttt_linear(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form)
@@ -324,6 +344,10 @@ class TTTMLP(TTTLayer):
 
     def initial_state(self):
         return self.W1, self.b1, self.W2, self.b2
+
+    def f_res(self, z, state):
+        W1, b1, W2, b2 = state
+        return _gelu(z @ W1 + b1.unsqueeze(-2)) @ W2 + b2.unsqueeze(-2)
 
     def inner(self, q, k, v, eta, state):
         return ttt_mlp(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form)

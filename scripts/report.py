@@ -1,0 +1,111 @@
+"""Summarise runs from their files: learning curves and final accuracy, as Markdown and PNG.
+
+    python scripts/report.py logs/ttt_linear_5w1s logs/maml_5w1s --out results/report
+
+A run folder is ``logs/<run_name>`` (all its ``version_*`` folders: training curves from those with events,
+the test accuracy from the newest ``test_results.json``) or a single ``version_*`` folder. Writes
+``<out>/report.md``, ``<out>/curves.png`` (validation accuracy and training loss against step, runs overlaid)
+and ``<out>/accuracy.png`` (test accuracy with its 95% interval, else the best validation accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CURVES = ("val/acc", "train/loss_step")
+
+
+def read_run(folder: Path) -> dict:
+    """{"name", "curves": {tag: [(step, value)]}, "test": test_results.json or None} of one run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"run folder {folder} does not exist; runs log under logs/<run_name>")
+    versions = sorted(folder.glob("version_*"), key=lambda p: p.stat().st_mtime) or [folder]
+    curves, test = {tag: {} for tag in CURVES}, None
+    for version in versions:
+        for events in sorted(version.glob("events.out.tfevents.*")):
+            acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+            acc.Reload()
+            for tag in CURVES:
+                if tag in acc.Tags()["scalars"]:
+                    curves[tag].update({e.step: e.value for e in acc.Scalars(tag)})
+        if (version / "test_results.json").is_file():
+            test = json.loads((version / "test_results.json").read_text())
+    if not any(curves.values()) and test is None:
+        raise FileNotFoundError(f"{folder} holds no TensorBoard events and no test_results.json: not a run folder")
+    name = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("version_") else folder.name
+    return {"name": name, "curves": {t: sorted(c.items()) for t, c in curves.items()}, "test": test}
+
+
+def summary(runs: list[dict]) -> str:
+    lines = ["| run | steps | last val acc % | best val acc % | test acc % (95% CI) | test episodes |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        val = r["curves"]["val/acc"]
+        steps = max((s for c in r["curves"].values() for s, _ in c), default=0)
+        last = f"{100 * val[-1][1]:.2f}" if val else "-"
+        best = f"{100 * max(v for _, v in val):.2f}" if val else "-"
+        t = r["test"]
+        test = f"{100 * t['acc']:.2f} +- {100 * t['ci95']:.2f}" if t else "-"
+        lines.append(f"| {r['name']} | {steps} | {last} | {best} | {test} | {t['episodes'] if t else '-'} |")
+    return "\n".join(lines)
+
+
+def plots(runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5.5 * len(CURVES), 4))
+    for ax, tag in zip(axes, CURVES):
+        for r in runs:
+            if r["curves"][tag]:
+                steps, values = zip(*r["curves"][tag])
+                ax.plot(steps, values, label=r["name"])
+        ax.set_xlabel("step")
+        ax.set_ylabel(tag)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    names, accs, errs = [], [], []
+    for r in runs:
+        if r["test"]:
+            names.append(r["name"] + " (test)")
+            accs.append(100 * r["test"]["acc"])
+            errs.append(100 * r["test"]["ci95"])
+        elif r["curves"]["val/acc"]:
+            names.append(r["name"] + " (best val)")
+            accs.append(100 * max(v for _, v in r["curves"]["val/acc"]))
+            errs.append(0.0)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
+    if names:
+        ax.barh(names, accs, xerr=errs, color="tab:blue")
+        ax.set_xlim(max(0.0, min(accs) - 10), 100)
+    ax.set_xlabel("accuracy % (95% CI)")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (logs/<run_name> or a version_* folder)")
+    p.add_argument("--out", type=Path, default=Path("results/report"))
+    args = p.parse_args(argv)
+    runs = [read_run(folder) for folder in args.runs]
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = summary(runs)
+    (args.out / "report.md").write_text(f"# Runs\n\n{table}\n\n![curves](curves.png)\n\n![accuracy](accuracy.png)\n")
+    plots(runs, args.out)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

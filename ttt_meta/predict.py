@@ -1,0 +1,121 @@
+"""``python -m ttt_meta predict --ckpt_path CKPT --support DIR --query DIR``: classify your own images.
+
+`--support` holds one sub-folder per class (the folder name is the label, any number of images each).
+`--query` holds images, or sub-folders named after support classes (their images are then scored and the
+accuracy printed). Images are read like the training data: grey (RGB for a 3-channel model), resized to the
+model's image size, and, for grey images, with bright strokes on a dark ground as in Omniglot (an image whose
+mean is light is inverted). The whole support set and all queries form one episode: one forward pass.
+Writes a CSV with one row per query: file, predicted label, the probability of each class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cli import read_checkpoint
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """The learner a ``fit`` checkpoint holds, rebuilt from its recorded class and settings, in eval mode."""
+    ckpt = read_checkpoint(path)
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    class_path = hp.pop("_class_path", None)
+    hp.pop("_instantiator", None)
+    if class_path is None:
+        raise ValueError(f"checkpoint {path} does not record its model class: use a checkpoint written by "
+                         f"`python -m ttt_meta fit` (checkpoints/<run_name>/*.ckpt)")
+    module, name = class_path.rsplit(".", 1)
+    model = getattr(importlib.import_module(module), name)(**hp)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def image_files(folder: Path, what: str) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{what} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def read_image(path: Path, channels: int, size: int) -> torch.Tensor:
+    """uint8 [channels, size, size] as the model saw its training images."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.LANCZOS)
+    except Exception as error:  # PIL raises several types for unreadable files
+        raise ValueError(f"cannot read image {path} ({type(error).__name__}: {error}); remove it or save it as "
+                         f"PNG or JPEG") from None
+    array = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+    if channels == 1 and array.mean() > 127:  # dark strokes on a light ground: invert, as Omniglot was
+        array = 255 - array
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def episode(support: Path, query: Path, channels: int, size: int) -> tuple[dict, list[str], list[Path], list]:
+    """(batch of one episode, class names, query files, true class index per query or None)."""
+    if not support.is_dir() or not query.is_dir():
+        raise FileNotFoundError(f"--support {support} and --query {query} must be folders")
+    classes = sorted(p.name for p in support.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"--support {support} needs one sub-folder per class, at least 2; found {len(classes)}")
+    shots = [(path, c) for c, name in enumerate(classes) for path in image_files(support / name, "support class")]
+    sub = sorted(p for p in query.iterdir() if p.is_dir())
+    if sub:
+        unknown = [p.name for p in sub if p.name not in classes]
+        if unknown:
+            raise ValueError(f"query sub-folders {unknown} name no support class (support classes: {classes})")
+        queries = [(path, classes.index(p.name)) for p in sub for path in image_files(p, "query")]
+    else:
+        queries = [(path, None) for path in image_files(query, "query")]
+    read = lambda items: torch.stack([read_image(p, channels, size) for p, _ in items]).unsqueeze(0)  # noqa: E731
+    batch = {"support": read(shots), "support_labels": torch.tensor([[c for _, c in shots]]),
+             "query": read(queries), "ways": len(classes)}
+    return batch, classes, [p for p, _ in queries], [t for _, t in queries]
+
+
+def check_ways(model, ways: int) -> None:
+    hp = model.hparams
+    if "max_ways" in hp and ways > hp["max_ways"]:
+        raise ValueError(f"--support has {ways} classes but this model was trained for at most {hp['max_ways']}; "
+                         f"use at most {hp['max_ways']} class folders")
+    if "max_ways" not in hp and "ways" in hp and ways != hp["ways"]:
+        raise ValueError(f"--support has {ways} classes but this model's head has exactly {hp['ways']} (MAML); "
+                         f"use {hp['ways']} class folders")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m ttt_meta predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by fit")
+    p.add_argument("--support", required=True, type=Path, help="one sub-folder of images per class")
+    p.add_argument("--query", required=True, type=Path, help="images, or sub-folders named after classes")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write")
+    args = p.parse_args(argv)
+    model = load_model(args.ckpt_path)
+    hp = model.hparams
+    batch, classes, files, truth = episode(args.support, args.query, hp.get("in_channels", 1), hp.get("image_size", 28))
+    check_ways(model, len(classes))
+    with torch.inference_mode():
+        probs = model(batch).softmax(-1)[0]
+    pred = probs.argmax(-1).tolist()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "predicted", *[f"p_{c}" for c in classes]])
+        for path, k, row in zip(files, pred, probs.tolist()):
+            writer.writerow([str(path), classes[k], *[f"{x:.4f}" for x in row]])
+    result = {"csv": str(args.out), "queries": len(files), "classes": classes}
+    print(f"{len(files)} queries, {len(classes)} classes -> {args.out}")
+    if truth[0] is not None:
+        result["acc"] = sum(int(p == t) for p, t in zip(pred, truth)) / len(truth)
+        print(f"accuracy {100 * result['acc']:.2f}% ({sum(int(p == t) for p, t in zip(pred, truth))}/{len(truth)})")
+    return result
