@@ -4,7 +4,6 @@ classifies folders of images."""
 import csv
 import io
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -14,15 +13,12 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
+from conftest import QUICK, TINY, run_cli
 from ttt_meta.cli import main
 from ttt_meta.data.synthetic import make_glyphs
 from ttt_meta.learners import MAMLLearner
 
 ROOT = Path(__file__).parents[1]
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
-TINY = ["--model.init_args.width=16", "--model.init_args.encoder_channels=4", "--data.train_batches_per_epoch=4",
-        "--data.val_episodes=6", "--data.test_episodes=8", "--data.eval_batch_size=4", "--data.meta_batch_size=2",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 LAYER_TAGS = ["inner_loss_before", "inner_loss_after", "inner_loss_ratio", "eta_mean", "eta_min", "eta_max",
               "state_change"]
 
@@ -30,17 +26,10 @@ LAYER_TAGS = ["inner_loss_before", "inner_loss_after", "inner_loss_ratio", "eta_
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A 2-epoch quickstart fit (inner-loop scalars and histograms every 2 steps), then a test."""
-    path = tmp_path_factory.mktemp("run")
-    cwd = os.getcwd()
-    os.chdir(path)
-    try:
-        args = ["--config", QUICK, *TINY, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
-                "--inspect.every_n_steps=2", "--inspect.histogram_every_n_steps=2"]
-        main(["fit", *args])
-        main(["test", *args, "--ckpt_path", "checkpoints/quickstart/last.ckpt"])
-    finally:
-        os.chdir(cwd)
-    return path
+    args = ["--config", QUICK, *TINY, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
+            "--inspect.every_n_steps=2", "--inspect.histogram_every_n_steps=2"]
+    return run_cli(tmp_path_factory.mktemp("run"), ["fit", *args],
+                   ["test", *args, "--ckpt_path", "checkpoints/quickstart/last.ckpt"])
 
 
 def _events(folder: Path) -> dict[str, list]:
@@ -78,7 +67,7 @@ def test_report_reads_runs(run, tmp_path):
 
     table = report.main([str(run / "logs" / "quickstart"), "--out", str(tmp_path)])
     row = table.splitlines()[2].split("|")
-    assert row[1].strip() == "quickstart" and row[2].strip() == "7" and row[6].strip() == "8"
+    assert row[1].strip() == "quickstart" and row[2].strip() == "7" and row[6].strip() == "11"
     for name in ("report.md", "curves.png", "accuracy.png"):
         assert (tmp_path / name).stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="not a run folder"):

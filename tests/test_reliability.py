@@ -10,15 +10,11 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import DATA, QUICK, TINY, run_cli
 from ttt_meta.cli import main
 from ttt_meta.learners import SequenceMetaLearner
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-QUICK = str(CONFIGS / "quickstart.yaml")
-DATA = ["--data.train_batches_per_epoch=4", "--data.val_episodes=6", "--data.test_episodes=11",
-        "--data.eval_batch_size=4", "--data.meta_batch_size=2", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false"]
-TINY = ["--model.init_args.width=16", "--model.init_args.encoder_channels=4", *DATA]
 
 
 class Interrupt(Exception):
@@ -135,13 +131,7 @@ def test_unknown_key(tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """last.ckpt of a 2-step quickstart run."""
-    path = tmp_path_factory.mktemp("trained")
-    cwd = os.getcwd()
-    os.chdir(path)
-    try:
-        main(["fit", "--config", QUICK, *TINY, "--trainer.max_steps=2"])
-    finally:
-        os.chdir(cwd)
+    path = run_cli(tmp_path_factory.mktemp("trained"), ["fit", "--config", QUICK, *TINY, "--trainer.max_steps=2"])
     return path / "checkpoints" / "quickstart" / "last.ckpt"
 
 
