@@ -144,11 +144,11 @@ def test_bad_checkpoints(tmp_path, monkeypatch, trained):
     broken.write_bytes(trained.read_bytes()[:5000])
     with pytest.raises(ValueError, match="cannot be read"):
         main(test + ["--ckpt_path", str(broken)])
-    with pytest.raises(ValueError, match=r"another model.*width: 16 there, 32 here"):
+    with pytest.raises(ValueError, match=r"SequenceMetaLearner of another shape.*width: 16 there, 32 here"):
         main(test + ["--model.init_args.width=32", "--ckpt_path", str(trained)])
-    with pytest.raises(ValueError, match=r"another model.*core: 'ttt_linear' there, 'lstm' here"):
+    with pytest.raises(ValueError, match=r"another shape.*core: 'ttt_linear' there, 'lstm' here"):
         main(test + ["--model.init_args.core=lstm", "--ckpt_path", str(trained)])
-    with pytest.raises(ValueError, match=r"another model \(SequenceMetaLearner\) than the configured MAMLLearner"):
+    with pytest.raises(ValueError, match=r"holds a SequenceMetaLearner, not the configured MAMLLearner"):
         main(["test", "--config", str(CONFIGS / "omniglot" / "maml_5w1s.yaml"), *DATA, "--data.dataset=synthetic",
               "--ckpt_path", str(trained)])
     assert _no_output(tmp_path)

@@ -53,8 +53,10 @@ def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> None:
     problems += [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in own.items()
                  if k in state and state[k].shape != v.shape][:3]
     if problems:
-        raise ValueError(f"checkpoint {path} holds another model ({theirs_class}) than the configured "
-                         f"{type(model).__name__}: {'; '.join(problems)}. Settings that differ: "
+        ours_class = type(model).__name__
+        what = (f"a {theirs_class} of another shape than the configured one" if theirs_class == ours_class
+                else f"a {theirs_class}, not the configured {ours_class}")
+        raise ValueError(f"checkpoint {path} holds {what}: {'; '.join(problems)}. Settings that differ: "
                          f"{'; '.join(differ) or 'none recorded'}. Use the config the checkpoint was trained with "
                          f"(its run's config.yaml under logs/) or a checkpoint of this model")
     if differ:
@@ -98,6 +100,14 @@ class TTTMetaCLI(LightningCLI):
         if cfg.trainer.logger is None or cfg.trainer.logger is True:
             cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                   "init_args": {"save_dir": "logs", "name": name, "default_hp_metric": False}}
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # jsonargparse buries a class's own message in a list of union subtypes
+            if isinstance(error.__cause__, ValueError):
+                raise error.__cause__ from None
+            raise
 
     def _check_inputs(self, stage: str) -> None:
         """Data, episodes, model and checkpoint checked before the trainer runs or writes anything."""
