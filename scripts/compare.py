@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ttt_meta.cli import TTTMetaCLI, check_checkpoint, main as cli_main
+from ttt_meta.checkpointing import check_checkpoint
+from ttt_meta.cli import TTTMetaCLI, main as cli_main
 from ttt_meta.learners import MAMLLearner
 from ttt_meta.learners.base import confidence_interval
 

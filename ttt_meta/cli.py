@@ -11,57 +11,16 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .callbacks import LastCheckpoint
+from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_checkpoint, read_checkpoint
 from .data.datamodule import EpisodeDataModule
 from .inspection import ConfigLogger, InnerLoopMonitor
 from .learners import EpisodicLearner
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint at `path`, or a clear error when it is missing, unreadable or not a checkpoint of this app."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; runs write theirs under checkpoints/<run_name>/ "
-                                f"(last.ckpt, best-*.ckpt): pass one of those to --ckpt_path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for damaged files
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); the file is damaged "
-                         f"or not a checkpoint: use another one (e.g. best-*.ckpt beside it) or train again") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"checkpoint {path} holds no 'state_dict': it is not a Lightning checkpoint of this app")
-    return ckpt
-
-
-def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Raise a clear error when the checkpoint at `path` cannot restore `model` (another model or shape); warn
-    about settings that differ without changing the weights' shapes (the configured values are used)."""
-    ckpt = read_checkpoint(path)
-    state, own = ckpt["state_dict"], model.state_dict()
-    theirs, ours = ckpt.get("hyper_parameters") or {}, dict(getattr(model, "hparams", {}))
-    theirs_class = str(theirs.get("_class_path", "?")).rsplit(".", 1)[-1]
-    differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if k in theirs and theirs[k] != ours[k]]
-    problems = [f"{k} missing" for k in own if k not in state][:3]
-    problems += [f"unexpected {k}" for k in state if k not in own][:3]
-    problems += [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in own.items()
-                 if k in state and state[k].shape != v.shape][:3]
-    if problems:
-        ours_class = type(model).__name__
-        what = (f"a {theirs_class} of another shape than the configured one" if theirs_class == ours_class
-                else f"a {theirs_class}, not the configured {ours_class}")
-        raise ValueError(f"checkpoint {path} holds {what}: {'; '.join(problems)}. Settings that differ: "
-                         f"{'; '.join(differ) or 'none recorded'}. Use the config the checkpoint was trained with "
-                         f"(its run's config.yaml under logs/) or a checkpoint of this model")
-    if differ:
-        warnings.warn(f"checkpoint {path} was trained with other settings, the configured ones are used: "
-                      f"{'; '.join(differ)}")
 
 
 class TTTMetaCLI(LightningCLI):
@@ -142,5 +101,6 @@ def main(args: list[str] | None = None, run: bool = True):
         EpisodicLearner, EpisodeDataModule, subclass_mode_model=True, seed_everything_default=0,
         trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")], "max_epochs": 20,
                           "gradient_clip_val": 1.0, "log_every_n_steps": 25,
-                          "use_distributed_sampler": False},  # the data module shards episodes by rank itself
+                          "use_distributed_sampler": False,  # the data module shards episodes by rank itself
+                          "plugins": [AtomicCheckpointIO()]},
         save_config_callback=ConfigLogger, save_config_kwargs={"overwrite": True}, args=args, run=run, auto_configure_optimizers=False)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import read_checkpoint
+from .checkpointing import read_checkpoint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

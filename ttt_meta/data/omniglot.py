@@ -5,7 +5,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from ..checkpointing import save_atomic
 from .episodes import ClassImages
 
 IMAGES_PER_CHARACTER = 20
@@ -114,7 +114,10 @@ def _cached_images(
                 return images
             warnings.warn(f"Omniglot cache {path} does not match the data; rebuilding it")
     images = _decode_all([p for paths in characters.values() for p in paths], image_size).view(shape)
-    _save_atomic({"fingerprint": fingerprint, "names": names, "images": images}, path)
+    try:
+        save_atomic({"fingerprint": fingerprint, "names": names, "images": images}, path)
+    except OSError as error:  # the cache is an optimisation: go on without it
+        warnings.warn(f"cannot write the Omniglot cache {path} ({error}); set TTT_META_CACHE to a writable folder")
     return images
 
 
@@ -145,20 +148,3 @@ def _decode(path: str, image_size: int) -> np.ndarray:
             f"{_REPAIR}"
         ) from None
     return 255 - np.asarray(small, dtype=np.uint8)
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file next to `path`, then rename it, so a reader never sees a partial file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    except OSError as error:
-        warnings.warn(f"cannot write the Omniglot cache {path} ({error}); set TTT_META_CACHE to a writable folder")
-        return
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

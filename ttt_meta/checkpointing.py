@@ -1,0 +1,115 @@
+"""Checkpoints: written atomically, ``last.ckpt`` every few steps, and read back with clear errors.
+
+- ``save_atomic`` / ``AtomicCheckpointIO``: torch.save into a temporary file beside the target, then rename it
+  over the target, so a kill never leaves a truncated file in place of a good one. (Lightning's own writer
+  stages the file in the system's temporary folder and moves it, which is a copy, not a rename, when that
+  folder is another file system.)
+- ``LastCheckpoint``: ``<dirpath>/last.ckpt`` every N optimiser steps and at the end. A checkpoint holds the
+  weights, optimiser, scheduler, loop progress and the data module's position in the episode stream, so
+  ``fit --ckpt_path checkpoints/<run>/last.ckpt`` continues exactly where the run stopped.
+- ``read_checkpoint`` / ``check_checkpoint``: a missing, damaged or mismatched checkpoint named as such.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save `obj` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(obj, file)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with local files written by ``save_atomic`` (remote URLs: Lightning's)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options}")
+        save_atomic(checkpoint, path)
+
+
+class LastCheckpoint(L.Callback):
+    """Save ``dirpath/last.ckpt`` every `every_n_steps` optimiser steps and when training ends.
+
+    Args:
+        dirpath: folder of the checkpoint (the CLI sets ``checkpoints/<run_name>``).
+        every_n_steps: at most this many steps are lost when the run is killed.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_steps: int = 100):
+        if every_n_steps < 1:
+            raise ValueError(f"last_checkpoint.every_n_steps must be >= 1, got {every_n_steps}")
+        self.dirpath, self.every_n_steps = dirpath, every_n_steps
+        self._saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self.dirpath is None or trainer.global_step == self._saved_step or trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(str(Path(self.dirpath) / "last.ckpt"))
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint at `path`, or a clear error when it is missing, unreadable or not a checkpoint of this app."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; runs write theirs under checkpoints/<run_name>/ "
+                                f"(last.ckpt, best-*.ckpt): pass one of those to --ckpt_path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for damaged files
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); the file is damaged "
+                         f"or not a checkpoint: use another one (e.g. best-*.ckpt beside it) or train again") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {path} holds no 'state_dict': it is not a Lightning checkpoint of this app")
+    return ckpt
+
+
+def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Raise a clear error when the checkpoint at `path` cannot restore `model` (another model or shape); warn
+    about settings that differ without changing the weights' shapes (the configured values are used)."""
+    ckpt = read_checkpoint(path)
+    state, own = ckpt["state_dict"], model.state_dict()
+    theirs, ours = ckpt.get("hyper_parameters") or {}, dict(getattr(model, "hparams", {}))
+    theirs_class = str(theirs.get("_class_path", "?")).rsplit(".", 1)[-1]
+    differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if k in theirs and theirs[k] != ours[k]]
+    problems = [f"{k} missing" for k in own if k not in state][:3]
+    problems += [f"unexpected {k}" for k in state if k not in own][:3]
+    problems += [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape][:3]
+    if problems:
+        ours_class = type(model).__name__
+        what = (f"a {theirs_class} of another shape than the configured one" if theirs_class == ours_class
+                else f"a {theirs_class}, not the configured {ours_class}")
+        raise ValueError(f"checkpoint {path} holds {what}: {'; '.join(problems)}. Settings that differ: "
+                         f"{'; '.join(differ) or 'none recorded'}. Use the config the checkpoint was trained with "
+                         f"(its run's config.yaml under logs/) or a checkpoint of this model")
+    if differ:
+        warnings.warn(f"checkpoint {path} was trained with other settings, the configured ones are used: "
+                      f"{'; '.join(differ)}")
