@@ -99,6 +99,8 @@ def test_maml_adapts_a_clone_and_leaves_the_meta_model(meta_sgd):
     assert logits.shape == (2, 10, 5) and not logits.requires_grad
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
+    model.hparams.train_steps = model.adaptation_steps  # the training forward adapts second order: same logits
+    torch.testing.assert_close(model.train()(batch).detach(), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_too_many_ways():

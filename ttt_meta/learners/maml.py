@@ -55,10 +55,12 @@ class MAMLLearner(EpisodicLearner):
         """A clone of the meta-model after `steps` gradient steps on one episode's support loss."""
         learner = self.maml.clone()
         before = None
+        # second-order terms only serve the meta-gradient: evaluation adapts first order (same adapted weights)
+        first_order = None if self.training else True
         for _ in range(steps):
             loss = F.cross_entropy(learner(support), labels)
             before = loss.detach() if before is None else before
-            learner.adapt(loss)
+            learner.adapt(loss, first_order=first_order)
         if self.record and before is not None:  # one more support forward, only when recording
             with torch.no_grad():
                 self.support_losses.append((before, F.cross_entropy(learner(support), labels)))
@@ -83,5 +85,8 @@ class MAMLLearner(EpisodicLearner):
         with torch.inference_mode(False), torch.enable_grad():  # evaluation adapts with autograd too
             support, query = self.images(batch["support"].clone()), self.images(batch["query"].clone())
             labels = batch["support_labels"].clone()
-            logits = torch.stack([self.adapt(s, y, steps)(q) for s, y, q in zip(support, labels, query, strict=True)])
-        return logits if self.training else logits.detach()
+            logits = []
+            for s, y, q in zip(support, labels, query, strict=True):
+                out = self.adapt(s, y, steps)(q)
+                logits.append(out if self.training else out.detach())  # evaluation frees each episode's graph
+        return torch.stack(logits)
