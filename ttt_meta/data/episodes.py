@@ -38,15 +38,17 @@ class EpisodeSpec:
 
     def check(self, num_classes: int, samples_per_class: int, split: str) -> None:
         """Raise a clear ValueError when the episodes cannot be drawn from `num_classes` x `samples_per_class`."""
+        prefix = "" if split == "train" else "eval_"  # the options that set this split's episodes
+        default = "" if split == "train" else " (unset, they take the training values)"
         if self.ways < 2 or self.shots < 1 or self.queries < 1:
             raise ValueError(f"{split} episodes need ways >= 2, shots >= 1 and queries >= 1; got ways={self.ways}, "
                              f"shots={self.shots}, queries={self.queries}")
         if self.ways > num_classes:
             raise ValueError(f"{self.ways}-way episodes need {self.ways} classes but the {split} split has "
-                             f"{num_classes}; lower data.ways")
+                             f"{num_classes}; lower data.{prefix}ways{default}")
         if self.shots + self.queries > samples_per_class:
             raise ValueError(f"shots + queries = {self.shots + self.queries} exceeds the {samples_per_class} samples "
-                             f"per class of the {split} split; lower data.shots or data.queries")
+                             f"per class of the {split} split; lower data.{prefix}shots or data.{prefix}queries{default}")
 
 
 @dataclass(frozen=True)
