@@ -100,13 +100,11 @@ def score(model, dm, device) -> dict:
             "test_episodes_per_s": episodes / seconds, "test_peak_mem_mb": peak_tensor_mb(model, batch)}
 
 
-def train(name: str, config: Path, run: str, args) -> tuple[TTTMetaCLI, dict]:
-    """Train `name` within the budget, or with --from-checkpoints load the weights a previous run left."""
+def train(config: Path, run: str, args) -> tuple[TTTMetaCLI, dict]:
+    """Train the model of `config` within the budget, or with --from-checkpoints load what a previous run left."""
     if args.from_checkpoints:
         cli = build(config, args.override, run)
-        path = Path(cli.config.checkpoint.dirpath) / "last.ckpt"
-        check_checkpoint(path, cli.model)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = check_checkpoint(Path(cli.config.checkpoint.dirpath) / "last.ckpt", cli.model)
         cli.model.load_state_dict(ckpt["state_dict"])
         return cli, {"train_steps": ckpt["global_step"], "train_seconds": float("nan")}
     steps = args.budget_steps or max(1, int(args.budget_seconds / step_seconds(build(config, args.override, run))))
@@ -120,7 +118,7 @@ def run_model(name: str, args, device) -> list[dict]:
     config = args.configs / f"{name}_{args.setting}.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config {config} for model {name!r}; write one or drop it from --models")
-    cli, common = train(name, config, f"compare_{args.configs.name}_{args.setting}_{name}", args)
+    cli, common = train(config, f"compare_{args.configs.name}_{args.setting}_{name}", args)
     cli.datamodule.setup("test")
     common.update(train_episodes_per_s=common["train_steps"] * cli.datamodule.hparams.meta_batch_size
                   / common["train_seconds"], params=sum(p.numel() for p in cli.model.parameters()))

@@ -91,9 +91,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Raise a clear error when the checkpoint at `path` cannot restore `model` (another model or shape); warn
-    about settings that differ without changing the weights' shapes (the configured values are used)."""
+def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> dict:
+    """The checkpoint at `path`, read once; a clear error when it cannot restore `model` (another model or
+    shape), a warning for settings that differ without changing the weights' shapes (the configured ones win)."""
     ckpt = read_checkpoint(path)
     state, own = ckpt["state_dict"], model.state_dict()
     theirs, ours = ckpt.get("hyper_parameters") or {}, dict(getattr(model, "hparams", {}))
@@ -113,3 +113,4 @@ def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> None:
     if differ:
         warnings.warn(f"checkpoint {path} was trained with other settings, the configured ones are used: "
                       f"{'; '.join(differ)}")
+    return ckpt

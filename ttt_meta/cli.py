@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_checkpoint, read_checkpoint
+from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_checkpoint
 from .data.datamodule import EpisodeDataModule
 from .inspection import ConfigLogger, InnerLoopMonitor
 from .learners import EpisodicLearner
@@ -40,12 +40,9 @@ class TTTMetaCLI(LightningCLI):
         parser.add_lightning_class_args(InnerLoopMonitor, "inspect")
 
     def _parse_ckpt_path(self) -> None:
-        """The config defines the model and the checkpoint gives its weights (Lightning would instead rebuild the
-        model from the checkpoint's settings, silently replacing the configured ones): only check the file here,
-        and the model against it once built (``_check_inputs``)."""
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
-            read_checkpoint(ckpt_path)
+        """Nothing: the config defines the model and the checkpoint gives its weights. (Lightning would rebuild the
+        model from the checkpoint's settings, silently replacing the configured ones.) ``_check_inputs`` checks
+        the checkpoint against the model once it is built."""
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -70,12 +67,12 @@ class TTTMetaCLI(LightningCLI):
 
     def _check_inputs(self, stage: str) -> None:
         """Data, episodes, model and checkpoint checked before the trainer runs or writes anything."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):  # a file, not one of Lightning's names
+            check_checkpoint(ckpt_path, self.model)
         self.datamodule.prepare_data()
         self.datamodule.setup(stage)
         self.model.check_data(self.datamodule)
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
-            check_checkpoint(ckpt_path, self.model)
 
     def before_fit(self) -> None:
         self._check_inputs("fit")

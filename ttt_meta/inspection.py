@@ -44,7 +44,8 @@ class InnerLoopMonitor(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._recording = trainer.global_step % self.every_n_steps == 0
-        pl_module.record_inner_loop(self._recording)
+        if self._recording:
+            pl_module.record_inner_loop(True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -60,13 +60,25 @@ def read_image(path: Path, channels: int, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def episode(support: Path, query: Path, channels: int, size: int) -> tuple[dict, list[str], list[Path], list]:
-    """(batch of one episode, class names, query files, true class index per query or None)."""
+def check_ways(model, ways: int) -> None:
+    hp = model.hparams
+    if "max_ways" in hp and ways > hp["max_ways"]:
+        raise ValueError(f"--support has {ways} classes but this model was trained for at most {hp['max_ways']}; "
+                         f"use at most {hp['max_ways']} class folders")
+    if "max_ways" not in hp and "ways" in hp and ways != hp["ways"]:
+        raise ValueError(f"--support has {ways} classes but this model's head has exactly {hp['ways']} (MAML); "
+                         f"use {hp['ways']} class folders")
+
+
+def episode(model, support: Path, query: Path) -> tuple[dict, list[str], list[Path], list]:
+    """(batch of one episode in `model`'s input format, class names, query files, true class index per query or
+    None)."""
     if not support.is_dir() or not query.is_dir():
         raise FileNotFoundError(f"--support {support} and --query {query} must be folders")
     classes = sorted(p.name for p in support.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"--support {support} needs one sub-folder per class, at least 2; found {len(classes)}")
+    check_ways(model, len(classes))  # before any image is read
     shots = [(path, c) for c, name in enumerate(classes) for path in image_files(support / name, "support class")]
     sub = sorted(p for p in query.iterdir() if p.is_dir())
     if sub:
@@ -76,20 +88,11 @@ def episode(support: Path, query: Path, channels: int, size: int) -> tuple[dict,
         queries = [(path, classes.index(p.name)) for p in sub for path in image_files(p, "query")]
     else:
         queries = [(path, None) for path in image_files(query, "query")]
+    channels, size = model.hparams.get("in_channels", 1), model.hparams.get("image_size", 28)
     read = lambda items: torch.stack([read_image(p, channels, size) for p, _ in items]).unsqueeze(0)  # noqa: E731
     batch = {"support": read(shots), "support_labels": torch.tensor([[c for _, c in shots]]),
              "query": read(queries), "ways": len(classes)}
     return batch, classes, [p for p, _ in queries], [t for _, t in queries]
-
-
-def check_ways(model, ways: int) -> None:
-    hp = model.hparams
-    if "max_ways" in hp and ways > hp["max_ways"]:
-        raise ValueError(f"--support has {ways} classes but this model was trained for at most {hp['max_ways']}; "
-                         f"use at most {hp['max_ways']} class folders")
-    if "max_ways" not in hp and "ways" in hp and ways != hp["ways"]:
-        raise ValueError(f"--support has {ways} classes but this model's head has exactly {hp['ways']} (MAML); "
-                         f"use {hp['ways']} class folders")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write")
     args = p.parse_args(argv)
     model = load_model(args.ckpt_path)
-    hp = model.hparams
-    batch, classes, files, truth = episode(args.support, args.query, hp.get("in_channels", 1), hp.get("image_size", 28))
-    check_ways(model, len(classes))
+    batch, classes, files, truth = episode(model, args.support, args.query)
     with torch.inference_mode():
         probs = model(batch).softmax(-1)[0]
     pred = probs.argmax(-1).tolist()
