@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ttt_meta.data import omniglot
+from ttt_meta.data import images, omniglot
 from ttt_meta.data.omniglot import load_omniglot
 from ttt_meta.data.synthetic import load_synthetic, make_glyphs
 
@@ -108,7 +108,7 @@ def test_cache_written_and_reused(root, cache, monkeypatch):
     def fail(*args):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(omniglot, "_decode_all", fail)
+    monkeypatch.setattr(images, "decode_all", fail)
     second = load_omniglot(root, cache_dir=cache, split=SPLIT)
     assert all(torch.equal(first[k].images, second[k].images) for k in SPLIT)
 

@@ -1,19 +1,13 @@
 """Omniglot (Lake et al. 2015) as uint8 tensors: 1100 / 100 / 423 characters, decoded once and cached."""
 
-import functools
-import hashlib
 import json
-import multiprocessing
 import os
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image
 
-from ..checkpointing import save_atomic
+from . import images
 from .episodes import ClassImages
 
 IMAGES_PER_CHARACTER = 20
@@ -58,10 +52,10 @@ def load_omniglot(
             f"{os.path.join(root, 'omniglot-py')} (missing e.g. {missing[:3]}); the data set is incomplete: "
             f"{_REPAIR}"
         )
-    images = _cached_images(characters, image_size, cache_dir)
+    decoded = _cached_images(characters, image_size, cache_dir)
     index = {name: i for i, name in enumerate(characters)}
     return {
-        key: ClassImages(images[[index[name] for name in split[key]]], list(split[key]))
+        key: ClassImages(decoded[[index[name] for name in split[key]]], list(split[key]))
         for key in ("train", "val", "test")
     }
 
@@ -92,59 +86,10 @@ def _cached_images(
 ) -> torch.Tensor:
     """Decoded images uint8 [len(characters), 20, 1, image_size, image_size], from the cache or decoded once."""
     names = list(characters)
-    fingerprint = _fingerprint(characters, image_size)
-    if cache_dir is None:
-        cache_dir = os.environ.get("TTT_META_CACHE") or Path.home() / ".cache" / "ttt_meta"
-    path = Path(cache_dir).expanduser() / f"omniglot_{image_size}px_{fingerprint[:16]}.pt"
+    key = images.fingerprint(f"{_DECODING}\n{image_size}\n", (
+        (f"{name}/{os.path.basename(p)}", p) for name, paths in characters.items() for p in paths))
+    path = images.cache_folder(cache_dir) / f"omniglot_{image_size}px_{key[:16]}.pt"
     shape = (len(names), IMAGES_PER_CHARACTER, 1, image_size, image_size)
-    if path.exists():
-        try:
-            cached = torch.load(path, weights_only=True)
-        except Exception as error:  # any unreadable file is rebuilt below
-            warnings.warn(f"Omniglot cache {path} is unreadable ({error}); rebuilding it")
-        else:
-            images = cached.get("images") if isinstance(cached, dict) else None
-            if (
-                isinstance(images, torch.Tensor)
-                and images.dtype == torch.uint8
-                and tuple(images.shape) == shape
-                and cached.get("fingerprint") == fingerprint
-                and cached.get("names") == names
-            ):
-                return images
-            warnings.warn(f"Omniglot cache {path} does not match the data; rebuilding it")
-    images = _decode_all([p for paths in characters.values() for p in paths], image_size).view(shape)
-    try:
-        save_atomic({"fingerprint": fingerprint, "names": names, "images": images}, path)
-    except OSError as error:  # the cache is an optimisation: go on without it
-        warnings.warn(f"cannot write the Omniglot cache {path} ({error}); set TTT_META_CACHE to a writable folder")
-    return images
-
-
-def _fingerprint(characters: dict[str, list[str]], image_size: int) -> str:
-    """sha256 hex digest of the decoding method, image size, and every image's name and size in bytes."""
-    digest = hashlib.sha256(f"{_DECODING}\n{image_size}\n".encode())
-    for name, paths in characters.items():
-        for p in paths:
-            digest.update(f"{name}/{os.path.basename(p)}\t{os.path.getsize(p)}\n".encode())
-    return digest.hexdigest()
-
-
-def _decode_all(paths: list[str], image_size: int) -> torch.Tensor:
-    """Decode images in parallel processes: uint8 [len(paths), image_size, image_size]."""
-    with multiprocessing.Pool(min(8, os.cpu_count() or 1)) as pool:
-        arrays = pool.map(functools.partial(_decode, image_size=image_size), paths, chunksize=256)
-    return torch.from_numpy(np.stack(arrays))
-
-
-def _decode(path: str, image_size: int) -> np.ndarray:
-    """One Omniglot PNG as uint8 [image_size, image_size], strokes 255 on 0."""
-    try:
-        with Image.open(path) as image:
-            small = image.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
-    except Exception as error:  # PIL raises several types for damaged files
-        raise ValueError(
-            f"cannot decode Omniglot image {path} ({type(error).__name__}: {error}); the file is damaged: "
-            f"{_REPAIR}"
-        ) from None
-    return 255 - np.asarray(small, dtype=np.uint8)
+    paths = [p for paths in characters.values() for p in paths]
+    return images.cached(path, key, names, shape, lambda: 255 - images.decode_all(paths, image_size, "L", _REPAIR),
+                         "Omniglot")
