@@ -10,9 +10,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from .augment import augment
 from .episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
 
-DATASETS = ("omniglot", "synthetic")
+# name -> (native image size, 90-degree rotations as new training classes by default)
+DATASETS = {"omniglot": (28, True), "synthetic": (28, True), "miniimagenet": (84, False), "cifarfs": (32, False)}
 # Lightning warns that a mid-epoch resume repeats batches unless the loader itself is stateful; ours resumes
 # through the data module's state (state_dict below), so the warning does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -29,12 +31,13 @@ class TrainEpisodes(IterableDataset):
     Batch i is drawn with a generator seeded by (seed, i) alone, so the stream is the same with any number of
     loader workers (worker w yields i = start + w, start + w + W, ...), and a resumed run picks it up at any batch.
     Each batch carries its number under "batch_index" (the data module removes it before the learner sees it).
+    With `augment`, every image is augmented (``ttt_meta.data.augment``) from the same generator.
     """
 
     def __init__(self, data: ClassImages, spec: EpisodeSpec, meta_batch_size: int, batches: int, rotations: bool,
-                 seed: int, start: int = 0):
+                 seed: int, start: int = 0, augment: bool = False):
         self.data, self.spec, self.meta_batch_size, self.batches, self.rotations = data, spec, meta_batch_size, batches, rotations
-        self.seed, self.start = seed, start
+        self.seed, self.start, self.augment = seed, start, augment
 
     def __len__(self) -> int:
         return self.batches
@@ -46,7 +49,10 @@ class TrainEpisodes(IterableDataset):
         for i in range(self.start + first, self.start + self.batches, step):
             gen = torch.Generator().manual_seed(hash((self.seed, i)) % 2**63)
             idx = sample_episodes(self.meta_batch_size, self.spec, C, S, gen, self.rotations)
-            yield {**materialize(self.data.images, idx, self.spec.shots), "batch_index": i}
+            batch = materialize(self.data.images, idx, self.spec.shots)
+            if self.augment:
+                batch["support"], batch["query"] = augment(batch["support"], gen), augment(batch["query"], gen)
+            yield {**batch, "batch_index": i}
 
 
 class FixedEpisodes(Dataset):
@@ -72,13 +78,14 @@ def _identity(batch):
 
 
 class EpisodeDataModule(L.LightningDataModule):
-    """Few-shot episodes from Omniglot or the synthetic glyph set.
+    """Few-shot episodes from Omniglot, miniImageNet, CIFAR-FS or the synthetic glyph set.
 
     Args:
-        dataset: "omniglot" or "synthetic".
-        root: data root holding ``omniglot/omniglot-py``; default $TTT_META_DATA, then ./data. Never written to,
-            except by a download you allow.
-        download: fetch Omniglot into root when it is absent.
+        dataset: "omniglot", "miniimagenet", "cifarfs" or "synthetic".
+        root: data root holding a folder per data set: ``omniglot/omniglot-py``, ``miniimagenet/`` (learn2learn's
+            pickles, or images/ plus train/val/test.csv), ``cifarfs/`` (learn2learn's layout); default
+            $TTT_META_DATA, then ./data. Never written to, except by a download you allow.
+        download: fetch the data set into root with torchvision / learn2learn when it is absent.
         cache_dir: where decoded image tensors are cached (default $TTT_META_CACHE, then ~/.cache/ttt_meta).
         ways, shots, queries: N-way K-shot episodes with Q queries per class (training).
         eval_ways, eval_shots, eval_queries: validation/test episodes with another N, K or Q than training
@@ -87,7 +94,12 @@ class EpisodeDataModule(L.LightningDataModule):
         train_batches_per_epoch: training batches between two validations.
         val_episodes, test_episodes: sizes of the fixed validation set and of the seeded test set.
         eval_batch_size: episodes per validation/test batch.
-        rotations: 90-degree rotations as new classes for training (Omniglot's standard augmentation).
+        rotations: 90-degree rotations as new classes for training (Omniglot's standard augmentation); default
+            on for omniglot and synthetic, off for the natural images.
+        augment: random crop with padding, horizontal flip and colour jitter of every training image (the
+            standard augmentation of miniImageNet and CIFAR-FS; ``ttt_meta.data.augment``).
+        image_size: images are square of this side; default the data set's own (Omniglot 28, miniImageNet 84,
+            CIFAR-FS 32, synthetic 28).
         val_seed, test_seed: seeds of the fixed validation and test episodes (independent of the run's seed).
         num_workers: loader workers for the training stream (0: sample in the main process, fastest here).
     """
@@ -97,17 +109,21 @@ class EpisodeDataModule(L.LightningDataModule):
                  eval_ways: int | None = None, eval_shots: int | None = None, eval_queries: int | None = None,
                  meta_batch_size: int = 16,
                  train_batches_per_epoch: int = 500, val_episodes: int = 200, test_episodes: int = 600,
-                 eval_batch_size: int = 50, rotations: bool = True, image_size: int = 28, val_seed: int = 1,
-                 test_seed: int = 2, num_workers: int = 0):
+                 eval_batch_size: int = 50, rotations: bool | None = None, augment: bool = False,
+                 image_size: int | None = None, val_seed: int = 1, test_seed: int = 2, num_workers: int = 0):
         super().__init__()
         if dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
+            raise ValueError(f"data.dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
+        native_size, native_rotations = DATASETS[dataset]
+        image_size = native_size if image_size is None else image_size
+        rotations = native_rotations if rotations is None else rotations
         for name, value in [("meta_batch_size", meta_batch_size), ("train_batches_per_epoch", train_batches_per_epoch),
                             ("val_episodes", val_episodes), ("test_episodes", test_episodes),
                             ("eval_batch_size", eval_batch_size), ("image_size", image_size)]:
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
+        self.hparams.update(image_size=image_size, rotations=rotations)  # the data set's defaults, resolved
         self.train_spec = EpisodeSpec(ways, shots, queries)
         self.eval_spec = EpisodeSpec(eval_ways or ways, eval_shots or shots, eval_queries or queries)
         self.splits: dict[str, ClassImages] | None = None
@@ -118,8 +134,13 @@ class EpisodeDataModule(L.LightningDataModule):
     def max_ways(self) -> int:
         return max(self.train_spec.ways, self.eval_spec.ways)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(channels, height, width) of the images; None until the data is set up."""
+        return None if self.splits is None else tuple(self.splits["train"].images.shape[2:])
+
     def prepare_data(self) -> None:
-        if self.hparams.dataset == "omniglot":
+        if self.hparams.dataset != "synthetic":
             self._load()  # downloads if allowed, decodes once and fills the cache (synthetic: nothing to prepare)
 
     def _load(self) -> dict[str, ClassImages]:
@@ -127,9 +148,15 @@ class EpisodeDataModule(L.LightningDataModule):
         if hp.dataset == "synthetic":
             from .synthetic import load_synthetic
             return load_synthetic(image_size=hp.image_size)
-        from .omniglot import load_omniglot
-        return load_omniglot(resolve_root(hp.root) / "omniglot", download=hp.download, cache_dir=hp.cache_dir,
-                             image_size=hp.image_size)
+        root, options = resolve_root(hp.root), dict(download=hp.download, cache_dir=hp.cache_dir, image_size=hp.image_size)
+        if hp.dataset == "omniglot":
+            from .omniglot import load_omniglot
+            return load_omniglot(root / "omniglot", **options)
+        if hp.dataset == "miniimagenet":
+            from .miniimagenet import load_miniimagenet
+            return load_miniimagenet(root, **options)
+        from .cifarfs import load_cifarfs
+        return load_cifarfs(root, **options)
 
     def setup(self, stage: str) -> None:
         if self.splits is None:
@@ -147,7 +174,8 @@ class EpisodeDataModule(L.LightningDataModule):
         rank, _ = self._rank()
         seed = torch.initial_seed() % 2**31 + 100_003 * rank  # every rank draws its own episodes
         self.train_stream = TrainEpisodes(self.splits["train"], self.train_spec, hp.meta_batch_size,
-                                          hp.train_batches_per_epoch, hp.rotations, seed, start=self.resume_at)
+                                          hp.train_batches_per_epoch, hp.rotations, seed, start=self.resume_at,
+                                          augment=hp.augment)
         # workers are forked for each epoch, so each epoch's copy of the stream starts at the current batch
         return DataLoader(self.train_stream, batch_size=None, num_workers=hp.num_workers)
 

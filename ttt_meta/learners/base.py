@@ -41,7 +41,13 @@ class EpisodicLearner(L.LightningModule):
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
 
     def check_data(self, datamodule) -> None:
-        """Raise a clear ValueError when this model cannot serve the data module's episodes (none by default)."""
+        """Raise a clear ValueError when this model cannot serve the data module's episodes (subclasses add
+        their own checks): the images must have the model's in_channels and image_size."""
+        shape, hp = getattr(datamodule, "image_shape", None), self.hparams
+        if shape is not None and "image_size" in hp and shape != (hp.in_channels, hp.image_size, hp.image_size):
+            raise ValueError(f"the data gives {shape[0]}x{shape[1]}x{shape[2]} images but the model reads "
+                             f"{hp.in_channels}x{hp.image_size}x{hp.image_size}; set model.init_args.in_channels: "
+                             f"{shape[0]} and model.init_args.image_size: {shape[1]} (or data.image_size)")
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.datamodule is not None:

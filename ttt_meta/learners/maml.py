@@ -46,6 +46,7 @@ class MAMLLearner(EpisodicLearner):
         self.record, self.support_losses = False, []  # (before, after) adaptation, per episode, when recording
 
     def check_data(self, datamodule) -> None:
+        super().check_data(datamodule)
         ways = {datamodule.train_spec.ways, datamodule.eval_spec.ways}
         if ways != {self.hparams.ways}:
             raise ValueError(f"the data asks for {sorted(ways)}-way episodes but this MAML head has "

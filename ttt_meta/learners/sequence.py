@@ -36,6 +36,7 @@ class SequenceMetaLearner(EpisodicLearner):
             share_qk=share_qk)
 
     def check_data(self, datamodule) -> None:
+        super().check_data(datamodule)
         ways = getattr(datamodule, "max_ways", 0)
         if ways > self.hparams.max_ways:
             raise ValueError(f"the data asks for {ways}-way episodes but model.max_ways is {self.hparams.max_ways}; "

@@ -32,7 +32,52 @@ class Conv4(nn.Module):
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
-ENCODERS = {"conv4": Conv4}
+class _ResidualBlock(nn.Module):
+    """3 x [conv3x3, BatchNorm] with LeakyReLU(0.1) between, plus a [conv1x1, BatchNorm] shortcut; then
+    LeakyReLU(0.1) and maxpool 2."""
+
+    def __init__(self, cin: int, cout: int, batch_stats: bool):
+        super().__init__()
+
+        def norm() -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(cout, track_running_stats=not batch_stats)
+
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm(), nn.LeakyReLU(0.1),
+                                  nn.Conv2d(cout, cout, 3, padding=1, bias=False), norm(), nn.LeakyReLU(0.1),
+                                  nn.Conv2d(cout, cout, 3, padding=1, bias=False), norm())
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), norm())
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 (Oreshkin et al. 2018; the widths of Lee et al. 2019, MetaOptNet): 4 residual blocks of widths
+    channels x (1, 2.5, 5, 10) (64 -> 64-160-320-640), each halving the image, then global average pooling.
+
+    84x84 -> 5x5 -> F = 10 * channels (640); 32x32 -> 2x2 -> the same F. No DropBlock: regularise with the data
+    module's augmentation and weight decay. batch_stats as in Conv4.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, image_size: int = 84, batch_stats: bool = False):
+        super().__init__()
+        if image_size < 16:
+            raise ValueError(f"ResNet-12 halves the image 4 times: image_size {image_size} is too small (need >= 16)")
+        widths = [in_channels, channels, int(2.5 * channels), 5 * channels, 10 * channels]
+        self.net = nn.Sequential(*(_ResidualBlock(cin, cout, batch_stats) for cin, cout in zip(widths, widths[1:])),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = widths[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu", a=0.1)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+
+ENCODERS = {"conv4": Conv4, "resnet12": ResNet12}
 
 
 def make_encoder(name: str, in_channels: int, channels: int, image_size: int, batch_stats: bool = False) -> nn.Module:
