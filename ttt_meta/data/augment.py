@@ -22,23 +22,23 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     x = images.reshape(-1, *shape[-3:])
     n, c, h, w = x.shape
     pad = max(1, h // 8)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    top = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator)
-    left = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator)
-    flip = torch.rand(n, 1, 1, generator=generator) < 0.5
-    cols = torch.arange(w).view(1, 1, w)
-    rows = (top + torch.arange(h).view(1, h, 1)).expand(n, h, w)
-    cols = left + torch.where(flip, w - 1 - cols, cols)  # [n, 1, w]: a flip reads the columns backwards
-    x = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows.unsqueeze(1),
-               cols.expand(n, h, w).unsqueeze(1)].float()
+    top = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
     brightness, contrast, saturation = (1 + JITTER * (2 * torch.rand(3, n, 1, 1, 1, generator=generator) - 1))
-    x = (x * brightness).clamp_(0, 255)  # clamped after each step, as torchvision does
-    gray = _gray(x)  # [n, 1, h, w]
-    mean = gray.mean((-2, -1), keepdim=True)
-    x = ((x - mean) * contrast + mean).clamp_(0, 255)
+    # the crop: rows, then columns (read backwards when flipped) gathered from the zero-padded image
+    rows = top + torch.arange(h)  # [n, h]
+    cols = left + torch.where(flip, torch.arange(w - 1, -1, -1), torch.arange(w))  # [n, w]
+    x = F.pad(x, (pad, pad, pad, pad))
+    x = x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * pad))
+    x = x.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w)).float()
+    # colour jitter, in place; clamped after each step, as torchvision does
+    x.mul_(brightness).clamp_(0, 255)
+    mean = _gray(x.mean((-2, -1), keepdim=True))  # [n, 1, 1, 1], the mean luma
+    x.sub_(mean).mul_(contrast).add_(mean).clamp_(0, 255)
     if c == 3:
         gray = _gray(x)
-        x = (x - gray) * saturation + gray
+        x.sub_(gray).mul_(saturation).add_(gray)
     return x.round_().clamp_(0, 255).to(torch.uint8).view(shape)
 
 
@@ -46,4 +46,4 @@ def _gray(x: Tensor) -> Tensor:
     """Luma of [n, C, H, W] (ITU-R 601 weights for RGB, the image itself for one channel): [n, 1, H, W]."""
     if x.shape[1] == 1:
         return x
-    return (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x[:, 0:1] * 0.299).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)

@@ -28,7 +28,8 @@ NATIVE_SIZE = 84
 _DECODING = "v1: convert RGB, resize LANCZOS"
 _LAYOUTS = ("learn2learn's pickles mini-imagenet-cache-{train,validation,test}.pkl (set data.download: true to "
             "fetch them through learn2learn), or Ravi & Larochelle's layout: images/ holding the JPEGs plus "
-            "train.csv, val.csv and test.csv (filename,label)")
+            "train.csv, val.csv and test.csv (filename,label; the CSVs are in github.com/twitter/meta-learning-lstm "
+            "under data/miniImagenet, the images are ImageNet's)")
 
 
 def load_miniimagenet(root: str | os.PathLike, download: bool = False, cache_dir: str | os.PathLike | None = None,
