@@ -47,3 +47,12 @@ def test_peak_tensor_memory_counts_live_tensors():
 
     peak = compare.peak_tensor_mb(model, {"support": torch.zeros(1)})
     assert 12 <= peak < 13
+
+
+def test_bench_encoders_quick(tmp_path):
+    import bench_encoders
+    rows = bench_encoders.main(["--quick", "--datasets", "miniimagenet", "--settings", "5w1s", "--repeats", "1",
+                                "--out", str(tmp_path)])
+    assert [r["encoder"] for r in rows] == ["conv4-32", "conv4-64", "resnet12"]
+    assert all(r["test_episodes_per_s"] > 0 and r["train_episodes_per_s"] > 0 and r["train_peak_mb"] > 0 for r in rows)
+    assert "| miniimagenet 32px | 5w1s | resnet12 |" in (tmp_path / "bench_encoders.md").read_text()
