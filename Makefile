@@ -15,4 +15,4 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 bench: setup
-	$(PYTHON) scripts/bench_ttt.py
+	$(PYTHON) scripts/bench.py

@@ -8,14 +8,15 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def test_bench_ttt(tmp_path):
-    import bench_ttt
-    out = tmp_path / "bench.json"
-    bench_ttt.main(["--lengths", "8", "20", "--batch", "1", "--heads", "2", "--head-dim", "4", "--mini-batch", "4",
-                    "--kinds", "linear", "mlp", "--repeats", "1", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["kind"], r["T"]) for r in rows] == [("linear", 8), ("linear", 20), ("mlp", 8), ("mlp", 20)]
-    assert all(r["primal_ms"] > 0 and r["dual_ms"] > 0 for r in rows)
+def test_bench_layers(tmp_path):
+    import bench
+    rows = bench.main(["--lengths", "8", "20", "--batch", "1", "--width", "8", "--heads", "2", "--mini-batch", "4",
+                       "--repeats", "1", "--min-seconds", "0", "--fit-from", "8", "--out", str(tmp_path)])
+    assert [(r["layer"], r["T"]) for r in rows] == [(name, T) for name in bench.LAYERS for T in (8, 20)]
+    assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    result = json.loads((tmp_path / "bench_layers.json").read_text())
+    assert set(result["summary"]) == set(bench.LAYERS) and "ttt_linear primal/dual" in result["primal/dual"]
+    assert (tmp_path / "bench_layers.png").stat().st_size > 0
 
 
 def test_compare_tiny(tmp_path, monkeypatch):
