@@ -18,33 +18,20 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_encoders import train_peak_mb  # noqa: E402
+from bench_encoders import timed, train_peak_mb  # noqa: E402
 from ttt_meta.nn.cores import make_core  # noqa: E402
 
 # name -> (core, TTT form or None)
 LAYERS = {"ttt_linear primal": ("ttt_linear", "primal"), "ttt_linear dual": ("ttt_linear", "dual"),
           "ttt_mlp primal": ("ttt_mlp", "primal"), "ttt_mlp dual": ("ttt_mlp", "dual"),
           "lstm": ("lstm", None), "attention": ("attention", None)}
-
-
-def timed(fn, repeats: int, min_seconds: float) -> float:
-    """Median seconds of `fn` over at least `repeats` runs and `min_seconds` in all, after one warm-up."""
-    fn()
-    times = []
-    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 50):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def growth_exponent(lengths: list[int], ms: list[float]) -> float:
