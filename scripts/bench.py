@@ -1,14 +1,21 @@
-"""How the sequence layers' cost grows with context length, all measured in one run.
+"""What things cost, all measured in one run: the layers against context length, and test-time episodes.
 
-    python scripts/bench.py                       # T = 64 .. 8192, writes results/bench_layers.{json,md,png}
+    python scripts/bench.py                       # both sections, results/bench_{layers,episodes}.*
+    python scripts/bench.py --sections episodes   # one section
     python scripts/bench.py --lengths 16 32 --batch 1 --width 16 --repeats 1 --out /tmp/b   # seconds
 
-For each layer (the app's cores: TTT-Linear and TTT-MLP in their primal and dual forms, the LSTM sized like
+layers: for each layer (the app's cores: TTT-Linear and TTT-MLP in their primal and dual forms, the LSTM sized like
 TTT-Linear, softmax attention) at each length T: forward+backward milliseconds (median of --repeats runs, and
 of at least 2 s of runs, after one warm-up) and the peak of live tensors one forward+backward allocates
 (profiler allocation events, weights excluded). Every token writes (no read-only queries); attention is the
 app's: every token attends to every token. The growth exponent is the slope of log time against log T over
 T >= --fit-from (TTT and the LSTM should be ~1, attention ~2 at long lengths).
+
+episodes: test-time milliseconds per episode of every model of the comparison, as its Omniglot config builds it
+(weights untrained: the cost does not depend on them), on random 28x28 episodes with 15 queries per class:
+5-way 1-shot, 20-way 5-shot, and many-shot 20-way 50-shot and 100-way 10-shot (1,000 support tokens; models
+built from the 20w5s configs with max_ways / ways raised). MAML adapts with 1 and 10 steps. Median of
+repeated batches of --episode-batch episodes (one for many-shot) under inference_mode, after a warm-up.
 """
 
 from __future__ import annotations
@@ -25,13 +32,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_encoders import timed, train_peak_mb  # noqa: E402
+from bench_encoders import episodes, timed, train_peak_mb  # noqa: E402
+from ttt_meta.cli import main as cli_main  # noqa: E402
+from ttt_meta.learners import MAMLLearner  # noqa: E402
 from ttt_meta.nn.cores import make_core  # noqa: E402
 
 # name -> (core, TTT form or None)
 LAYERS = {"ttt_linear primal": ("ttt_linear", "primal"), "ttt_linear dual": ("ttt_linear", "dual"),
           "ttt_mlp primal": ("ttt_mlp", "primal"), "ttt_mlp dual": ("ttt_mlp", "dual"),
           "lstm": ("lstm", None), "attention": ("attention", None)}
+
+
+# episode settings: name -> (ways, shots, config setting the model is built from, many-shot: 1 episode per batch)
+SETTINGS = {"5w1s": (5, 1, "5w1s", False), "20w5s": (20, 5, "20w5s", False), "20w50s": (20, 50, "20w5s", True),
+            "100w10s": (100, 10, "20w5s", True)}
+# model -> (config name, MAML adaptation steps at test or None)
+MODELS = {"ttt_linear": ("ttt_linear", None), "ttt_mlp": ("ttt_mlp", None), "lstm": ("lstm", None),
+          "attention": ("attention", None), "protonet": ("protonet", None), "maml_1": ("maml", 1),
+          "maml_10": ("maml", 10), "metasgd": ("metasgd", None)}
 
 
 def growth_exponent(lengths: list[int], ms: list[float]) -> float:
@@ -56,6 +74,55 @@ def measure(name: str, T: int, args) -> dict:
 
     ms = 1000 * timed(step, args.repeats, args.min_seconds)
     return {"layer": name, "T": T, "ms": ms, "peak_mb": train_peak_mb(step)}
+
+
+def measure_episode(model_name: str, setting: str, args) -> dict:
+    config, steps = MODELS[model_name]
+    ways, shots, base, many = SETTINGS[setting]
+    n = 1 if many else args.episode_batch
+    raise_ways = ([f"--model.init_args.ways={ways}"] if config in ("maml", "metasgd") else
+                  [] if config == "protonet" else [f"--model.init_args.max_ways={max(ways, 20)}"])
+    cli = cli_main(["--config", str(ROOT / "configs" / "omniglot" / f"{config}_{base}.yaml"), *raise_ways,
+                    f"--data.ways={ways}"], run=False)
+    model = cli.model.eval()
+    if steps is not None:
+        model.adaptation_steps = steps
+    if isinstance(model, MAMLLearner):
+        steps = model.adaptation_steps
+    batch = episodes(n, ways, shots, 15, 28, torch.Generator().manual_seed(0))
+    batch["support"], batch["query"] = batch["support"][:, :, :1], batch["query"][:, :, :1]  # grayscale
+
+    def run():
+        with torch.inference_mode():
+            model(batch)
+
+    ms = 1000 * timed(run, args.repeats, args.min_seconds) / n
+    return {"model": model_name, "setting": setting, "support_tokens": ways * shots, "query_tokens": ways * 15,
+            "ms_per_episode": ms, "adaptation_steps": steps, "episodes_per_batch": n}
+
+
+def write_episodes(rows: list[dict], meta: dict, args) -> str:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    at = {(r["model"], r["setting"]): r for r in rows}
+    ratios = {}
+    for other in ("maml_10", "maml_1", "protonet"):
+        if other in models and "ttt_linear" in models:
+            ratios[f"{other} / ttt_linear"] = {s: at[other, s]["ms_per_episode"] / at["ttt_linear", s]["ms_per_episode"]
+                                               for s in settings}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_episodes.json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=1))
+    lines = [f"Test-time milliseconds per episode (Omniglot 28x28, 15 queries per class; batches of "
+             f"{args.episode_batch} episodes, 1 for the many-shot settings, under inference_mode; "
+             f"{meta['threads']} threads, {meta['machine']}, "
+             f"torch {meta['torch']}).", "",
+             "| model | " + " | ".join(f"{s} ({at[models[0], s]['support_tokens']} support tokens)" for s in settings)
+             + " |", "| --- |" + " --- |" * len(settings)]
+    lines += [f"| {m} | " + " | ".join(f"{at[m, s]['ms_per_episode']:.1f}" for s in settings) + " |" for m in models]
+    lines += [f"| **{name}** | " + " | ".join(f"**{r:.2f}x**" for r in by.values()) + " |" for name, by in ratios.items()]
+    text = "\n".join(lines) + "\n"
+    (args.out / "bench_episodes.md").write_text(text)
+    return text
 
 
 def write(rows: list[dict], meta: dict, args) -> str:
@@ -123,6 +190,7 @@ def _plot(rows, names, meta, path: Path) -> None:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["layers", "episodes"], choices=["layers", "episodes"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--batch", type=int, default=4)
@@ -134,20 +202,32 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--fit-from", type=int, default=1024)
     parser.add_argument("--primal-max", type=int, default=4096,
                         help="longest T for the primal (reference) forms; TTT-MLP's needs ~10 GB at 8192")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--episode-batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("TTT_META_THREADS", os.cpu_count() or 1)))
-    rows = []
-    for name in args.layers:
-        for T in args.lengths:
-            if LAYERS[name][1] == "primal" and T > args.primal_max:
-                continue
-            rows.append(measure(name, T, args))
-            print(json.dumps(rows[-1]), flush=True)
     meta = {"batch": args.batch, "width": args.width, "heads": args.heads, "mini_batch": args.mini_batch,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": platform.processor() or platform.machine()}
-    print(write(rows, meta, args))
+    rows = {}
+    if "layers" in args.sections:
+        rows["layers"] = []
+        for name in args.layers:
+            for T in args.lengths:
+                if LAYERS[name][1] == "primal" and T > args.primal_max:
+                    continue
+                rows["layers"].append(measure(name, T, args))
+                print(json.dumps(rows["layers"][-1]), flush=True)
+        print(write(rows["layers"], meta, args))
+    if "episodes" in args.sections:
+        rows["episodes"] = []
+        for setting in args.settings:
+            for model in args.models:
+                rows["episodes"].append(measure_episode(model, setting, args))
+                print(json.dumps(rows["episodes"][-1]), flush=True)
+        print(write_episodes(rows["episodes"], meta, args))
     return rows
 
 
