@@ -16,6 +16,10 @@ episodes: test-time milliseconds per episode of every model of the comparison, a
 5-way 1-shot, 20-way 5-shot, and many-shot 20-way 50-shot and 100-way 10-shot (1,000 support tokens; models
 built from the 20w5s configs with max_ways / ways raised). MAML adapts with 1 and 10 steps. Median of
 repeated batches of --episode-batch episodes (one for many-shot) under inference_mode, after a warm-up.
+
+training: episodes per second of ``fit`` (Lightning's loop, data loading included, no validation) for the
+TTT-Linear model of configs/omniglot/ttt_linear_{5w1s,20w5s}.yaml on --train-dataset, timed over --train-steps
+steps after 3 warm-up steps (run in a temporary folder).
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ import math
 import os
 import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lightning as L  # noqa: E402
 from bench_encoders import episodes, timed, train_peak_mb  # noqa: E402
 from ttt_meta.cli import main as cli_main  # noqa: E402
 from ttt_meta.learners import MAMLLearner  # noqa: E402
@@ -99,6 +106,42 @@ def measure_episode(model_name: str, setting: str, args) -> dict:
     ms = 1000 * timed(run, args.repeats, args.min_seconds) / n
     return {"model": model_name, "setting": setting, "support_tokens": ways * shots, "query_tokens": ways * 15,
             "ms_per_episode": ms, "adaptation_steps": steps, "episodes_per_batch": n}
+
+
+class _StepClock(L.Callback):
+    """Times the training steps after the first `skip` (from the end of step `skip` to the end of the last)."""
+
+    def __init__(self, skip: int):
+        self.skip, self.start, self.end = skip, None, None
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        now = time.perf_counter()
+        if trainer.global_step == self.skip:
+            self.start = now
+        self.end = now
+
+
+def measure_training(setting: str, args) -> dict:
+    skip = 3
+    clock = _StepClock(skip)
+    config = ROOT / "configs" / "omniglot" / f"ttt_linear_{setting}.yaml"
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as folder:
+        os.chdir(folder)
+        try:
+            cli = cli_main(["--config", str(config), f"--data.dataset={args.train_dataset}",
+                            f"--trainer.max_steps={skip + args.train_steps}", "--trainer.limit_val_batches=0",
+                            "--trainer.enable_progress_bar=false",
+                            "--trainer.enable_model_summary=false", f"--data.train_batches_per_epoch={skip + args.train_steps}"],
+                           run=False)
+            cli.trainer.callbacks.append(clock)
+            cli.trainer.fit(cli.model, cli.datamodule)
+        finally:
+            os.chdir(cwd)
+    episodes_per_step = cli.datamodule.hparams.meta_batch_size
+    return {"setting": setting, "dataset": args.train_dataset, "steps": args.train_steps,
+            "episodes_per_step": episodes_per_step,
+            "train_episodes_per_s": args.train_steps * episodes_per_step / (clock.end - clock.start)}
 
 
 def write_episodes(rows: list[dict], meta: dict, args) -> str:
@@ -190,7 +233,8 @@ def _plot(rows, names, meta, path: Path) -> None:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["layers", "episodes"], choices=["layers", "episodes"])
+    parser.add_argument("--sections", nargs="+", default=["layers", "episodes", "training"],
+                        choices=["layers", "episodes", "training"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--batch", type=int, default=4)
@@ -205,6 +249,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--episode-batch", type=int, default=16)
+    parser.add_argument("--train-settings", nargs="+", default=["5w1s", "20w5s"], choices=["5w1s", "20w5s"])
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--train-dataset", default="omniglot", choices=["omniglot", "synthetic"],
+                        help="omniglot reads data.root / TTT_META_DATA like the app")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("TTT_META_THREADS", os.cpu_count() or 1)))
@@ -228,6 +276,17 @@ def main(argv=None) -> list[dict]:
                 rows["episodes"].append(measure_episode(model, setting, args))
                 print(json.dumps(rows["episodes"][-1]), flush=True)
         print(write_episodes(rows["episodes"], meta, args))
+    if "training" in args.sections:
+        rows["training"] = [measure_training(setting, args) for setting in args.train_settings]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_training.json").write_text(json.dumps({"meta": meta, "rows": rows["training"]}, indent=1))
+        text = "\n".join([f"fit episodes/s, TTT-Linear ({meta['threads']} threads, {meta['machine']}, torch "
+                          f"{meta['torch']}; {args.train_steps} steps after 3 warm-up steps, data loading included):",
+                          "", "| setting | data | episodes per step | episodes/s |", "| --- | --- | --- | --- |"]
+                         + [f"| {r['setting']} | {r['dataset']} | {r['episodes_per_step']} | {r['train_episodes_per_s']:.1f} |"
+                            for r in rows["training"]]) + "\n"
+        (args.out / "bench_training.md").write_text(text)
+        print(text)
     return rows
 
 

@@ -12,12 +12,14 @@ def test_bench(tmp_path):
     import bench
     rows = bench.main(["--lengths", "8", "20", "--batch", "1", "--width", "8", "--heads", "2", "--mini-batch", "4",
                        "--repeats", "1", "--min-seconds", "0", "--fit-from", "8", "--models", "ttt_linear", "maml_10",
-                       "--settings", "5w1s", "--episode-batch", "1", "--out", str(tmp_path)])
+                       "--settings", "5w1s", "--episode-batch", "1", "--train-settings", "5w1s", "--train-steps", "1",
+                       "--train-dataset", "synthetic", "--out", str(tmp_path)])
     assert [(r["layer"], r["T"]) for r in rows["layers"]] == [(name, T) for name in bench.LAYERS for T in (8, 20)]
     assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in rows["layers"])
     assert [(r["model"], r["adaptation_steps"]) for r in rows["episodes"]] == [("ttt_linear", None), ("maml_10", 10)]
     episodes = json.loads((tmp_path / "bench_episodes.json").read_text())
     assert set(episodes["ratios"]["maml_10 / ttt_linear"]) == {"5w1s"}
+    assert rows["training"][0]["train_episodes_per_s"] > 0 and (tmp_path / "bench_training.md").exists()
     result = json.loads((tmp_path / "bench_layers.json").read_text())
     assert set(result["summary"]) == set(bench.LAYERS) and "ttt_linear primal/dual" in result["primal/dual"]
     assert (tmp_path / "bench_layers.png").stat().st_size > 0
