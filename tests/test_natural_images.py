@@ -156,10 +156,12 @@ def test_missing_pickle(tmp_path):
         load_miniimagenet(tmp_path)
 
 
-def test_class_in_two_splits(tmp_path):
-    write_pickles(tmp_path / "miniimagenet", classes={**CLASSES, "test": [*CLASSES["test"][:4], "n01000"]})
+@pytest.mark.parametrize("write", [write_pickles, write_folder], ids=["pickles", "folder"])
+def test_class_in_two_splits(tmp_path, cache, write):
+    write(tmp_path / "miniimagenet", classes={**CLASSES, "test": [*CLASSES["test"][:4], "n01000"]})
     with pytest.raises(ValueError, match="n01000 is in both the train and the test split"):
-        load_miniimagenet(tmp_path)
+        load_miniimagenet(tmp_path, cache_dir=cache)
+    assert not cache.exists()  # refused before anything was decoded
 
 
 def test_no_data_names_both_layouts(tmp_path):

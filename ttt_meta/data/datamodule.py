@@ -140,8 +140,9 @@ class EpisodeDataModule(L.LightningDataModule):
         return None if self.splits is None else tuple(self.splits["train"].images.shape[2:])
 
     def prepare_data(self) -> None:
-        if self.hparams.dataset != "synthetic":
-            self._load()  # downloads if allowed, decodes once and fills the cache (synthetic: nothing to prepare)
+        """Download if allowed, decode once and fill the cache; the splits are kept for this process's setup."""
+        if self.splits is None:
+            self.splits = self._load()
 
     def _load(self) -> dict[str, ClassImages]:
         hp = self.hparams

@@ -100,11 +100,11 @@ def resize(images: Tensor, size: int) -> Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8).view(*images.shape[:-2], size, size)
 
 
-def check_disjoint(splits: dict[str, ClassImages], where: str) -> None:
-    """Raise a ValueError when a class name is in two splits of the data at `where`."""
+def check_disjoint(names: dict[str, list[str]], where: str) -> None:
+    """Raise a ValueError when a class name is in two splits ({split: class names}) of the data at `where`."""
     seen: dict[str, str] = {}
-    for split, data in splits.items():
-        for name in data.names:
+    for split, split_names in names.items():
+        for name in split_names:
             if name in seen:
                 raise ValueError(f"class {name} is in both the {seen[name]} and the {split} split of {where}; the "
                                  f"splits must be disjoint")
@@ -121,6 +121,7 @@ def load_class_files(files: dict[str, dict[str, list[str]]], image_size: int, mo
     The cache file is named after `dataset`; `decoding` (how files become pixels) is part of its fingerprint.
     """
     where = f"the {dataset} data"
+    check_disjoint({split: list(by_class) for split, by_class in files.items()}, where)  # before any decoding
     paths = [p for by_class in files.values() for class_files in by_class.values() for p in class_files]
     if not paths:
         raise ValueError(f"{where} holds no images")
@@ -145,5 +146,4 @@ def load_class_files(files: dict[str, dict[str, list[str]]], image_size: int, mo
     for split, by_class in files.items():
         splits[split] = ClassImages(decoded[start:start + len(by_class)], list(by_class))
         start += len(by_class)
-    check_disjoint(splits, where)
     return splits

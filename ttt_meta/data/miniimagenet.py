@@ -42,11 +42,10 @@ def load_miniimagenet(root: str | os.PathLike, download: bool = False, cache_dir
     ``download`` fetches the pickles into ``root/miniimagenet`` with learn2learn when no layout is found.
     """
     folder = _find(Path(root), download)
-    if any((folder / name).exists() for name in PICKLES.values()):
-        splits = {split: _read_pickle(folder / PICKLES[split], image_size) for split in SPLITS}
-    else:
-        splits = _read_folder(folder, image_size, cache_dir)
-    images.check_disjoint(splits, str(folder))
+    if not any((folder / name).exists() for name in PICKLES.values()):
+        return _read_folder(folder, image_size, cache_dir)  # checks the splits are disjoint before decoding
+    splits = {split: _read_pickle(folder / PICKLES[split], image_size) for split in SPLITS}
+    images.check_disjoint({split: data.names for split, data in splits.items()}, str(folder))
     return splits
 
 
