@@ -108,3 +108,41 @@ def test_too_many_ways():
         make("ttt_linear")(next(episodes(EpisodeSpec(6, 1, 1), 1)))
     with pytest.raises(ValueError, match="ways"):
         make("maml")(next(episodes(EpisodeSpec(6, 1, 1), 1)))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_label_ids_name_the_rows_of_embedding_and_head(tied):
+    """label_ids = a permutation p gives the logits of the default ids on a model whose rows are permuted by p;
+    the stream with label_space draws distinct ids in range, the same for the same seed."""
+    spec = EpisodeSpec(5, 1, 2)
+    stream = TrainEpisodes(make_glyphs(30, seed=3), spec, 4, 10, False, seed=0, label_space=12)
+    batch, again = next(iter(stream)), next(iter(stream))
+    ids = batch["label_ids"]
+    assert ids.shape == (4, 5) and ids.min() >= 0 and ids.max() < 12
+    assert all(len(set(row.tolist())) == 5 for row in ids) and torch.equal(ids, again["label_ids"])
+    torch.manual_seed(0)
+    model = SequenceMetaLearner(core="ttt_linear", **{**TINY, "max_ways": 12}, tied_head=tied).eval()
+    moved = copy.deepcopy(model)
+    m, mm = model.model, moved.model
+    with torch.no_grad():
+        mm.label_embed.weight[:5] = m.label_embed.weight[ids[0]]
+        if not tied:
+            mm.head.weight[:5], mm.head.bias[:5] = m.head.weight[ids[0]], m.head.bias[ids[0]]
+    one = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items() if k != "batch_index"}
+    with torch.no_grad():
+        got = model(one)
+        want = moved({k: v for k, v in one.items() if k != "label_ids"})
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, model({k: v for k, v in one.items() if k != "label_ids"}))
+
+
+def test_label_space_is_checked():
+    from ttt_meta.data.datamodule import EpisodeDataModule
+
+    with pytest.raises(ValueError, match="label_space .3. must be at least data.ways .5."):
+        EpisodeDataModule(dataset="synthetic", ways=5, label_space=3)
+    dm = EpisodeDataModule(dataset="synthetic", ways=5, label_space=40)
+    with pytest.raises(ValueError, match="max_ways is 5"):
+        SequenceMetaLearner(**TINY).check_data(dm)
+    with pytest.raises(ValueError, match="no effect on ProtoNetLearner"):
+        ProtoNetLearner(encoder_channels=16).check_data(dm)

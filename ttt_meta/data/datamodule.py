@@ -31,13 +31,14 @@ class TrainEpisodes(IterableDataset):
     Batch i is drawn with a generator seeded by (seed, i) alone, so the stream is the same with any number of
     loader workers (worker w yields i = start + w, start + w + W, ...), and a resumed run picks it up at any batch.
     Each batch carries its number under "batch_index" (the data module removes it before the learner sees it).
-    With `augment`, every image is augmented (``ttt_meta.data.augment``) from the same generator.
+    With `augment`, every image is augmented (``ttt_meta.data.augment``) from the same generator; with
+    `label_space`, each episode also carries label_ids [N]: N distinct ids drawn from [0, label_space).
     """
 
     def __init__(self, data: ClassImages, spec: EpisodeSpec, meta_batch_size: int, batches: int, rotations: bool,
-                 seed: int, start: int = 0, augment: bool = False):
+                 seed: int, start: int = 0, augment: bool = False, label_space: int | None = None):
         self.data, self.spec, self.meta_batch_size, self.batches, self.rotations = data, spec, meta_batch_size, batches, rotations
-        self.seed, self.start, self.augment = seed, start, augment
+        self.seed, self.start, self.augment, self.label_space = seed, start, augment, label_space
 
     def __len__(self) -> int:
         return self.batches
@@ -52,6 +53,8 @@ class TrainEpisodes(IterableDataset):
             batch = materialize(self.data.images, idx, self.spec.shots)
             if self.augment:
                 batch["support"], batch["query"] = augment(batch["support"], gen), augment(batch["query"], gen)
+            if self.label_space:
+                batch["label_ids"] = torch.rand(len(idx), self.label_space, generator=gen).argsort(-1)[:, :self.spec.ways]
             yield {**batch, "batch_index": i}
 
 
@@ -98,6 +101,9 @@ class EpisodeDataModule(L.LightningDataModule):
             on for omniglot and synthetic, off for the natural images.
         augment: random crop with padding, horizontal flip and colour jitter of every training image (the
             standard augmentation of miniImageNet and CIFAR-FS; ``ttt_meta.data.augment``).
+        label_space: give the N classes of each training episode N distinct label ids drawn from
+            [0, label_space) instead of 0..N-1 (sequence learners), so every label embedding and head row of a
+            model with max_ways = label_space is trained and it can be evaluated at up to that many ways.
         image_size: images are square of this side; default the data set's own (Omniglot 28, miniImageNet 84,
             CIFAR-FS 32, synthetic 28).
         val_seed, test_seed: seeds of the fixed validation and test episodes (independent of the run's seed).
@@ -110,7 +116,8 @@ class EpisodeDataModule(L.LightningDataModule):
                  meta_batch_size: int = 16,
                  train_batches_per_epoch: int = 500, val_episodes: int = 200, test_episodes: int = 600,
                  eval_batch_size: int = 50, rotations: bool | None = None, augment: bool = False,
-                 image_size: int | None = None, val_seed: int = 1, test_seed: int = 2, num_workers: int = 0):
+                 image_size: int | None = None, label_space: int | None = None, val_seed: int = 1,
+                 test_seed: int = 2, num_workers: int = 0):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"data.dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
@@ -122,6 +129,9 @@ class EpisodeDataModule(L.LightningDataModule):
                             ("eval_batch_size", eval_batch_size), ("image_size", image_size)]:
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if label_space is not None and label_space < ways:
+            raise ValueError(f"data.label_space ({label_space}) must be at least data.ways ({ways}): each training "
+                             f"episode needs {ways} distinct label ids")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.hparams.update(image_size=image_size, rotations=rotations)  # the data set's defaults, resolved
         self.train_spec = EpisodeSpec(ways, shots, queries)
@@ -132,7 +142,7 @@ class EpisodeDataModule(L.LightningDataModule):
 
     @property
     def max_ways(self) -> int:
-        return max(self.train_spec.ways, self.eval_spec.ways)
+        return max(self.train_spec.ways, self.eval_spec.ways, self.hparams.label_space or 0)
 
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
@@ -176,7 +186,7 @@ class EpisodeDataModule(L.LightningDataModule):
         seed = torch.initial_seed() % 2**31 + 100_003 * rank  # every rank draws its own episodes
         self.train_stream = TrainEpisodes(self.splits["train"], self.train_spec, hp.meta_batch_size,
                                           hp.train_batches_per_epoch, hp.rotations, seed, start=self.resume_at,
-                                          augment=hp.augment)
+                                          augment=hp.augment, label_space=hp.label_space)
         # workers are forked for each epoch, so each epoch's copy of the stream starts at the current batch
         return DataLoader(self.train_stream, batch_size=None, num_workers=hp.num_workers)
 

@@ -8,6 +8,7 @@ Batch of episodes (what the learners receive):
     support [B, N*K, C, H, W] uint8, support_labels [B, N*K] int64,
     query   [B, N*Q, C, H, W] uint8, query_labels   [B, N*Q] int64,
     ways    N (an int)
+    label_ids [B, N] int64, training batches with data.label_space only: the id a sequence model gives class n
 """
 
 from __future__ import annotations

@@ -40,10 +40,15 @@ class EpisodicLearner(L.LightningModule):
         self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
 
+    reads_label_ids = False  # whether forward uses a batch's label_ids (data.label_space)
+
     def check_data(self, datamodule) -> None:
         """Raise a clear ValueError when this model cannot serve the data module's episodes (subclasses add
         their own checks): the images must have the model's in_channels and image_size."""
         shape, hp = getattr(datamodule, "image_shape", None), self.hparams
+        if getattr(getattr(datamodule, "hparams", None), "label_space", None) and not self.reads_label_ids:
+            raise ValueError(f"data.label_space has no effect on {type(self).__name__} (its classes have no label "
+                             f"ids); remove data.label_space")
         if shape is not None and "image_size" in hp and shape != (hp.in_channels, hp.image_size, hp.image_size):
             raise ValueError(f"the data gives {shape[0]}x{shape[1]}x{shape[2]} images but the model reads "
                              f"{hp.in_channels}x{hp.image_size}x{hp.image_size}; set model.init_args.in_channels: "

@@ -21,33 +21,38 @@ class SequenceMetaLearner(EpisodicLearner):
             (TTT cores only).
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
         max_ways: largest N the label embedding and the head serve.
+        tied_head: score queries against the label embeddings (``ttt_meta.nn.model``); for training with
+            data.label_space, so a model serves up to max_ways ways.
         lr, weight_decay, warmup_steps: see EpisodicLearner.
     """
 
     def __init__(self, core: str = "ttt_linear", width: int = 128, depth: int = 2, num_heads: int = 4,
                  mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
-                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
+                 tied_head: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
         super().__init__(lr, weight_decay, warmup_steps)
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
-            num_heads=num_heads, max_ways=max_ways, mini_batch_size=mini_batch_size, eta_base=eta_base,
+            num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, mini_batch_size=mini_batch_size, eta_base=eta_base,
             share_qk=share_qk)
+
+    reads_label_ids = True
 
     def check_data(self, datamodule) -> None:
         super().check_data(datamodule)
         ways = getattr(datamodule, "max_ways", 0)
         if ways > self.hparams.max_ways:
-            raise ValueError(f"the data asks for {ways}-way episodes but model.max_ways is {self.hparams.max_ways}; "
-                             f"raise model.init_args.max_ways (a checkpoint cannot grow it)")
+            raise ValueError(f"the data asks for {ways}-way episodes or label ids (data.ways, eval_ways, label_space) "
+                             f"but model.max_ways is {self.hparams.max_ways}; raise model.init_args.max_ways "
+                             f"(a checkpoint cannot grow it)")
 
     def ttt_layers(self) -> list[tuple[str, TTTLayer]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, TTTLayer)]
 
     def forward(self, batch: dict) -> Tensor:
         return self.model(self.images(batch["support"]), batch["support_labels"], self.images(batch["query"]),
-                          batch["ways"])
+                          batch["ways"], batch.get("label_ids"))
 
     def record_inner_loop(self, on: bool) -> None:
         for _, layer in self.ttt_layers():
