@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -11,6 +12,10 @@ class Conv4(nn.Module):
 
     28x28 -> 1x1 (F = channels); 84x84 -> 5x5 (F = 25 * channels). With batch_stats, BatchNorm always
     normalises with the statistics of the batch it sees (MAML's per-task statistics) and keeps no running ones.
+
+    In eval mode without autograd (validation, test, inference) each block runs as conv with the BatchNorm
+    folded in (W s, (b - mean) s + beta with s = gamma / sqrt(var + eps)), then maxpool, then ReLU: the same
+    function (ReLU is monotone, so it commutes with max) with one pass fewer over the largest activations.
     """
 
     def __init__(self, in_channels: int = 1, channels: int = 64, image_size: int = 28, batch_stats: bool = False):
@@ -29,7 +34,14 @@ class Conv4(nn.Module):
         self.to(memory_format=torch.channels_last)  # 1.5x faster convolutions on CPU (measured, 28x28, 64 ch)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.training or torch.is_grad_enabled() or not self.net[1].track_running_stats:
+            return self.net(x)
+        for conv, bn in zip(self.net[0::4], self.net[1::4]):
+            s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            w = (conv.weight * s.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+            x = F.max_pool2d(F.conv2d(x, w, (conv.bias - bn.running_mean) * s + bn.bias, padding=1), 2).relu_()
+        return x.flatten(1)
 
 
 class _ResidualBlock(nn.Module):
