@@ -210,3 +210,47 @@ def test_recorded_inner_loss_matches_the_update(cls):
     before = layer.inner_loss(r["k"], r["v"], r["start"])[..., :6].mean()
     after = layer.inner_loss(r["k"], r["v"], r["end"])[..., :6].mean()
     assert after < before
+
+
+@pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
+def test_compiled_form_equals_dual(cls):
+    """The compiled form is the dual form through torch.compile: same outputs and gradients, in training and
+    under inference_mode, with read-only tokens and a ragged last mini-batch."""
+    torch.manual_seed(0)
+    dual = cls(16, 2, mini_batch_size=4).double()
+    compiled = cls(16, 2, mini_batch_size=4, form="compiled").double()
+    compiled.load_state_dict(dual.state_dict())
+    x = torch.randn(3, 15, 16, dtype=torch.float64)
+    mask = (torch.arange(15) < 10).expand(3, 15)
+    outs = []
+    for layer in (dual, compiled):
+        y = layer(x, mask)
+        y.square().sum().backward()
+        outs.append((y.detach(), [p.grad for p in layer.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(outs[1][1], outs[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x, mask), dual(x, mask), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
+def test_inner_loop_stays_float32_under_autocast(cls):
+    """bf16 autocast (trainer.precision: bf16-mixed) leaves the inner loop in float32: what it returns equals the
+    float32 inner loop on the same views; the layer's output is the float32 one up to bf16 rounding."""
+    torch.manual_seed(0)
+    layer = cls(16, 2, mini_batch_size=4)
+    x = torch.randn(3, 12, 16)
+    mask = (torch.arange(12) < 8).expand(3, 12)
+    want = layer(x, mask)
+    calls, inner = [], layer.inner
+    layer.inner = lambda *a: calls.append((a, inner(*a))) or calls[-1][1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x, mask)
+    (args, (z, state)), = calls
+    assert all(t.dtype == torch.float32 for t in (z, *args[:4], *state))
+    z32, state32 = inner(*args)
+    torch.testing.assert_close(z, z32, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state, state32, rtol=1e-6, atol=1e-6)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

@@ -19,6 +19,8 @@ class SequenceMetaLearner(EpisodicLearner):
         width, depth, num_heads: token width, number of blocks, heads of the core.
         mini_batch_size, eta_base, share_qk: TTT inner mini-batch, inner learning-rate scale, theta_Q = theta_K
             (TTT cores only).
+        form: how a TTT core computes (``ttt_meta.nn.ttt``): "dual", "compiled" (the dual form through
+            torch.compile: faster for long sequences after a one-off compile of seconds) or "primal" (reference).
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
         max_ways: largest N the label embedding and the head serve.
         tied_head: score queries against the label embeddings (``ttt_meta.nn.model``); for training with
@@ -27,7 +29,8 @@ class SequenceMetaLearner(EpisodicLearner):
     """
 
     def __init__(self, core: str = "ttt_linear", width: int = 128, depth: int = 2, num_heads: int = 4,
-                 mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, encoder: str = "conv4",
+                 mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, form: str = "dual",
+                 encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  tied_head: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
         super().__init__(lr, weight_decay, warmup_steps)
@@ -35,7 +38,7 @@ class SequenceMetaLearner(EpisodicLearner):
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, mini_batch_size=mini_batch_size, eta_base=eta_base,
-            share_qk=share_qk)
+            share_qk=share_qk, form=form)
 
     reads_label_ids = True
 

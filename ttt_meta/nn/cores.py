@@ -86,9 +86,9 @@ CORES = ("ttt_linear", "ttt_mlp", "lstm", "attention")
 
 
 def make_core(name: str, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
-              share_qk: bool = True) -> nn.Module:
+              share_qk: bool = True, form: str = "dual") -> nn.Module:
     """Build core `name`; TTT options go to the TTT cores, the LSTM is sized like a TTT-Linear core."""
-    ttt = dict(mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk)
+    ttt = dict(mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form)
     if name == "ttt_linear":
         return TTTLinear(width, num_heads, **ttt)
     if name == "ttt_mlp":

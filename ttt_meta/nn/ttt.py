@@ -13,13 +13,15 @@ Per head (width D), for token t with views q_t, k_t, v_t ([D] rows) and inner le
 W_s is the state where token t's mini-batch starts; the next mini-batch starts from its last W_t. A token with
 eta 0 reads the state and leaves it unchanged (queries of a few-shot episode are such read-only tokens).
 
-Two forms compute the same thing:
+Three forms compute the same thing:
 - ``primal``: the readable reference. Per mini-batch it materialises every token's gradient, takes their causal
   cumulative sum and evaluates f at each token's own W_t.
 - ``dual``: matrix form. With dZ the gradient of the losses with respect to the pre-LN activations at W_s,
   ``q W_t + b_t = q W_s + b_s - tril(eta_j (q_t . k_j + 1)) dZ`` and ``W_end = W_s - (eta * k)^T dZ``: only
   matrix products, no per-token weight copies. Trailing read-only tokens all read the final state, so they are
   evaluated in one batched product after the scan.
+- ``compiled``: the dual form with its per-mini-batch step through ``torch.compile`` (fused small ops; the first
+  call of each shape compiles, seconds on CPU).
 
 Inner gradients are closed form (no autograd in the forward), so both forms run under
 ``torch.inference_mode()`` and the outer loop differentiates through them. One difference: eta = 0 marks a
@@ -29,32 +31,36 @@ to it), where the primal form would give the one-sided derivative of a token tha
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FORMS = ("primal", "dual")
+FORMS = ("primal", "dual", "compiled")
 _EPS = 1e-6
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 # ----------------------------------------------------------------------------------------------- inner pieces
-def _ln(z: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Layer norm over the last dim. z [B, H, T, D], weight/bias [H, 1, D]. Returns (y, z_hat, 1 / std).
-
-    The variance is a mean of squares: torch.var costs ~20x more on these small CPU tensors (measured)."""
-    zc = z - z.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(zc.square().mean(-1, keepdim=True) + _EPS)
-    z_hat = zc * rstd
-    return z_hat * weight + bias, z_hat, rstd
+def _ln(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Layer norm over the last dim (eps 1e-6). z [B, H, T, D], weight/bias [H, 1, D] (per head)."""
+    return torch.addcmul(bias, F.layer_norm(z, z.shape[-1:], eps=_EPS), weight)
 
 
 def ln_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """Gradient with respect to z of ``0.5 * ||LN(z) - target||^2``, in closed form. Shapes as `_ln`."""
-    y, z_hat, rstd = _ln(z, weight, bias)
-    g = (y - target) * weight
+    return _ln_l2_grad(z, (bias - target) * weight, weight.square())
+
+
+def _ln_l2_grad(z: Tensor, c: Tensor, w2: Tensor) -> Tensor:
+    """`ln_l2_grad` with the target folded in: c = (bias - target) * weight, w2 = weight^2. With g = dLoss/dLN(z)
+    * weight = z_hat w2 + c: (g - mean(g) - z_hat mean(g z_hat)) / std. The scans fold every chunk's c at once."""
+    zc = z - z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(zc.square().mean(-1, keepdim=True) + _EPS)
+    z_hat = zc * rstd
+    g = torch.addcmul(c, z_hat, w2)
     return (g - g.mean(-1, keepdim=True) - z_hat * (g * z_hat).mean(-1, keepdim=True)) * rstd
 
 
@@ -66,6 +72,13 @@ def _gelu_grad(x: Tensor) -> Tensor:
     """d/dx of the tanh-approximated gelu."""
     t = torch.tanh(_GELU_C * (x + 0.044715 * x**3))
     return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+
+
+@functools.cache
+def _compiled(chunk):
+    """A chunk step of the dual form through torch.compile (inductor fuses its small ops into a few kernels; on
+    CPU it needs a C++ compiler). Compiled once per shape, then with dynamic shapes after a second shape."""
+    return torch.compile(chunk)
 
 
 def _batched(p: Tensor, B: int, per_head_dims: int) -> Tensor:
@@ -109,8 +122,10 @@ def ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, mini_batch_size: int, f
     W, b = _batched(W0, B, 2), _batched(b0, B, 1).unsqueeze(2)  # b [B, H, 1, D]
     lw, lb = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)
     target = v - k
-    step = _linear_primal if form == "primal" else _linear_dual
-    return step(q, k, target, eta, W, b, lw, lb, mini_batch_size)
+    if form == "primal":
+        return _linear_primal(q, k, target, eta, W, b, lw, lb, mini_batch_size)
+    chunk = _compiled(_linear_chunk) if form == "compiled" else _linear_chunk
+    return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size, chunk)
 
 
 def _linear_primal(q, k, target, eta, W, b, lw, lb, m):
@@ -121,34 +136,47 @@ def _linear_primal(q, k, target, eta, W, b, lw, lb, m):
         W_t = W.unsqueeze(2) - torch.cumsum(ec[..., None, None] * grad_W, dim=2)
         b_t = b - torch.cumsum(ec[..., None] * dZ, dim=2)  # [B, H, m, D]
         Zq = (qc.unsqueeze(-2) @ W_t).squeeze(-2) + b_t
-        outs.append(qc + _ln(Zq, lw, lb)[0])
+        outs.append(qc + _ln(Zq, lw, lb))
         W, b = W_t[:, :, -1], b_t[:, :, -1:]
     return torch.cat(outs, dim=2), W, b.squeeze(2)
 
 
-def _linear_dual(q, k, target, eta, W, b, lw, lb, m):
+def _linear_chunk(kq1: Tensor, c: Tensor, AE: Tensor, Wb: Tensor, w2: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """One mini-batch of the dual form, two matrix products. kq1 [B, H, 2m, D+1]: the keys then the queries, with
+    a column of ones; Wb [B, H, D+1, D]: W with b as its last row; c [B, H, m, D] as `_ln_l2_grad`;
+    AE [B, H, m+D+1, m]: A (A[t, j] = eta_j (q_t . k_j + 1), j <= t) over (eta k, eta)^T.
+    Returns (the queries' pre-LN outputs q W_t + b_t [B, H, m, D], the next Wb)."""
+    Zkq = kq1 @ Wb
+    U = AE @ _ln_l2_grad(Zkq[:, :, :m], c, w2)
+    return Zkq[:, :, m:] - U[:, :, :m], Wb - U[:, :, m:]
+
+
+def _linear_dual(q, k, target, eta, W, b, lw, lb, m, chunk=_linear_chunk):
     T = q.shape[2]
     n = _scan_length(eta, T, m)
+    Wb = torch.cat([W, b], dim=2)  # [B, H, D+1, D]
     Zs = []
     if n:
         nc = -(-n // m)
         qc, kc, tc = (_pad_chunks(x[:, :, :n], nc * m, m) for x in (q, k, target))
-        ec = _pad_chunks(eta[:, :, :n], nc * m, m)  # [B, H, nc, m]
-        kq = torch.cat([kc, qc], dim=3)  # one product with W_s gives both views
-        A = torch.tril(qc @ kc.transpose(-1, -2) + 1) * ec.unsqueeze(-2)  # A[t, j] = eta_j (q_t.k_j + 1), j <= t
-        ekT = (ec.unsqueeze(-1) * kc).transpose(-1, -2)  # [B, H, nc, D, m]
+        ec = _pad_chunks(eta[:, :, :n], nc * m, m).unsqueeze(-1)  # [B, H, nc, m, 1]
+        ones = torch.ones_like(ec)
+        k1, q1 = torch.cat([kc, ones], dim=-1), torch.cat([qc, ones], dim=-1)
+        ek1T = (ec * k1).transpose(-1, -2)  # [B, H, nc, D+1, m]: (eta k, eta)^T
+        AE = torch.cat([torch.tril(q1 @ ek1T), ek1T], dim=3)  # q1 . (eta k, eta)_j = eta_j (q . k_j + 1)
+        kq1 = torch.cat([k1, q1], dim=3)
+        c = (lb.unsqueeze(2) - tc) * lw.unsqueeze(2)  # every chunk's c at once
+        w2 = lw.square()
         # unbind, not indexing: the backward of x[:, :, i] writes a zero tensor of x's full size per chunk (O(T^2))
-        for kq_i, t_i, A_i, ekT_i, e_i in zip(*(x.unbind(2) for x in (kq, tc, A, ekT, ec.unsqueeze(-2)))):
-            Zkq = kq_i @ W + b
-            dZ = ln_l2_grad(Zkq[:, :, :m], t_i, lw, lb)
-            Zs.append(Zkq[:, :, m:] - A_i @ dZ)
-            W = W - ekT_i @ dZ
-            b = b - e_i @ dZ
+        for kq_i, c_i, AE_i in zip(kq1.unbind(2), c.unbind(2), AE.unbind(2)):
+            Zq, Wb = chunk(kq_i, c_i, AE_i, Wb, w2, m)
+            Zs.append(Zq)
         Zs = [torch.cat(Zs, dim=2)[:, :, :n]]
+    W, b = Wb[:, :, :-1], Wb[:, :, -1:]
     if n < T:
         Zs.append(q[:, :, n:] @ W + b)
     Z = torch.cat(Zs, dim=2)
-    return q + _ln(Z, lw, lb)[0], W, b.squeeze(2)
+    return q + _ln(Z, lw, lb), W, b.squeeze(2)
 
 
 # ----------------------------------------------------------------------------------------------- TTT-MLP
@@ -162,8 +190,11 @@ def ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size: i
     B = q.shape[0]
     state = (_batched(W1, B, 2), _batched(b1, B, 1).unsqueeze(2), _batched(W2, B, 2), _batched(b2, B, 1).unsqueeze(2))
     lw, lb = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)
-    step = _mlp_primal if form == "primal" else _mlp_dual
-    z, (W1, b1, W2, b2) = step(q, k, v - k, eta, state, lw, lb, mini_batch_size)
+    if form == "primal":
+        z, (W1, b1, W2, b2) = _mlp_primal(q, k, v - k, eta, state, lw, lb, mini_batch_size)
+    else:
+        chunk = _compiled(_mlp_chunk) if form == "compiled" else _mlp_chunk
+        z, (W1, b1, W2, b2) = _mlp_dual(q, k, v - k, eta, state, lw, lb, mini_batch_size, chunk)
     return z, (W1, b1.squeeze(2), W2, b2.squeeze(2))
 
 
@@ -188,12 +219,27 @@ def _mlp_primal(q, k, target, eta, state, lw, lb, m):
         b2_t = b2 - torch.cumsum(e1 * dZ2, dim=2)
         Xq = _gelu((qc.unsqueeze(-2) @ W1_t).squeeze(-2) + b1_t)
         Zq = (Xq.unsqueeze(-2) @ W2_t).squeeze(-2) + b2_t
-        outs.append(qc + _ln(Zq, lw, lb)[0])
+        outs.append(qc + _ln(Zq, lw, lb))
         W1, b1, W2, b2 = W1_t[:, :, -1], b1_t[:, :, -1:], W2_t[:, :, -1], b2_t[:, :, -1:]
     return torch.cat(outs, dim=2), (W1, b1, W2, b2)
 
 
-def _mlp_dual(q, k, target, eta, state, lw, lb, m):
+def _mlp_chunk(kq, c, A1, ekT, e, W1, b1, W2, b2, w2, m: int):
+    """One mini-batch of the TTT-MLP dual form. kq [B, H, 2m, D] (keys then queries), c and w2 as `_ln_l2_grad`,
+    A1 [B, H, m, m] (eta_j (q_t . k_j + 1), j <= t), ekT [B, H, D, m] = (eta k)^T, e [B, H, 1, m] = eta.
+    Returns (the queries' pre-LN outputs [B, H, m, D], W1, b1, W2, b2 after the mini-batch)."""
+    Z1 = kq @ W1 + b1
+    Z1k = Z1[:, :, :m]
+    X2k = _gelu(Z1k)
+    dZ2 = _ln_l2_grad(X2k @ W2 + b2, c, w2)
+    dZ1 = (dZ2 @ W2.transpose(-1, -2)) * _gelu_grad(Z1k)
+    X2q = _gelu(Z1[:, :, m:] - A1 @ dZ1)
+    A2 = torch.tril(X2q @ X2k.transpose(-1, -2) + 1) * e
+    Zq = X2q @ W2 + b2 - A2 @ dZ2
+    return Zq, W1 - ekT @ dZ1, b1 - e @ dZ1, W2 - (e.transpose(-1, -2) * X2k).transpose(-1, -2) @ dZ2, b2 - e @ dZ2
+
+
+def _mlp_dual(q, k, target, eta, state, lw, lb, m, chunk=_mlp_chunk):
     W1, b1, W2, b2 = state
     T = q.shape[2]
     n = _scan_length(eta, T, m)
@@ -205,31 +251,24 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m):
         kq = torch.cat([kc, qc], dim=3)
         A1 = torch.tril(qc @ kc.transpose(-1, -2) + 1) * ec.unsqueeze(-2)
         ekT = (ec.unsqueeze(-1) * kc).transpose(-1, -2)
-        for kq_i, t_i, A1_i, ekT_i, e in zip(*(x.unbind(2) for x in (kq, tc, A1, ekT, ec.unsqueeze(-2)))):
-            Z1 = kq_i @ W1 + b1
-            Z1k = Z1[:, :, :m]
-            X2k = _gelu(Z1k)
-            dZ2 = ln_l2_grad(X2k @ W2 + b2, t_i, lw, lb)
-            dZ1 = (dZ2 @ W2.transpose(-1, -2)) * _gelu_grad(Z1k)
-            X2q = _gelu(Z1[:, :, m:] - A1_i @ dZ1)
-            A2 = torch.tril(X2q @ X2k.transpose(-1, -2) + 1) * e
-            Zs.append(X2q @ W2 + b2 - A2 @ dZ2)
-            W1 = W1 - ekT_i @ dZ1
-            b1 = b1 - e @ dZ1
-            W2 = W2 - (e.transpose(-1, -2) * X2k).transpose(-1, -2) @ dZ2
-            b2 = b2 - e @ dZ2
+        c = (lb.unsqueeze(2) - tc) * lw.unsqueeze(2)
+        w2 = lw.square()
+        for kq_i, c_i, A1_i, ekT_i, e in zip(*(x.unbind(2) for x in (kq, c, A1, ekT, ec.unsqueeze(-2)))):
+            Zq, W1, b1, W2, b2 = chunk(kq_i, c_i, A1_i, ekT_i, e, W1, b1, W2, b2, w2, m)
+            Zs.append(Zq)
         Zs = [torch.cat(Zs, dim=2)[:, :, :n]]
     if n < T:
         Zs.append(_gelu(q[:, :, n:] @ W1 + b1) @ W2 + b2)
     Z = torch.cat(Zs, dim=2)
-    return q + _ln(Z, lw, lb)[0], (W1, b1, W2, b2)
+    return q + _ln(Z, lw, lb), (W1, b1, W2, b2)
 
 
 # ----------------------------------------------------------------------------------------------- layers
 class TTTLayer(nn.Module):
     """Shared shell of TTT-Linear and TTT-MLP: projections, learned inner lr, inner LN, output norm and theta_O.
 
-    forward(x [B, T, width], write_mask [B, T] bool or None, inner_epochs) -> [B, T, width].
+    forward(x [B, T, width], write_mask [B, T] bool or None, inner_epochs) -> [B, T, width]. Under autocast
+    (trainer.precision bf16-mixed) the projections run in bf16 and the inner loop in the parameters' precision.
     Learned pieces, by name: ``theta_kv`` (and ``theta_q`` unless share_qk), ``theta_o``, ``eta_gate``
     (eta = eta_base * sigmoid(eta_gate(x)) / D per head), ``ln_weight``/``ln_bias`` (inner LN) and the
     initial state (``W0``, ``b0`` or ``W1``, ``b1``, ``W2``, ``b2``). After a forward, ``last_eta`` holds the
@@ -284,7 +323,7 @@ class TTTLayer(nn.Module):
 
     def inner_loss(self, k: Tensor, v: Tensor, state: tuple[Tensor, ...]) -> Tensor:
         """Per-token inner loss 0.5 ||k + LN(f_res(k; state)) - v||^2: [B, H, T]."""
-        y = _ln(self.f_res(k, state), self.ln_weight.unsqueeze(1), self.ln_bias.unsqueeze(1))[0]
+        y = _ln(self.f_res(k, state), self.ln_weight.unsqueeze(1), self.ln_bias.unsqueeze(1))
         return 0.5 * (k + y - v).square().sum(-1)
 
     def inner(self, q, k, v, eta, state) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -294,11 +333,13 @@ class TTTLayer(nn.Module):
     def forward(self, x: Tensor, write_mask: Tensor | None = None, inner_epochs: int = 1) -> Tensor:
         if inner_epochs < 1:
             raise ValueError(f"inner_epochs must be >= 1, got {inner_epochs}")
-        q, k, v, eta = self.views(x, write_mask)
+        dtype = self.ln_weight.dtype
+        q, k, v, eta = (t.to(dtype) for t in self.views(x, write_mask))  # float32 from an autocast region
         self.last_eta = eta.detach()  # [B, H, T], for logging
         state = start = self.initial_state()
-        for _ in range(inner_epochs):
-            z, state = self.inner(q, k, v, eta, state)
+        with torch.autocast(x.device.type, enabled=False):  # the inner loop and its state stay in full precision
+            for _ in range(inner_epochs):
+                z, state = self.inner(q, k, v, eta, state)
         if self.record:
             detach = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
             self.last_record = {"k": k.detach(), "v": v.detach(), "eta": self.last_eta, "start": detach(start),
