@@ -4,8 +4,8 @@
     python scripts/bench.py --sections episodes   # one section
     python scripts/bench.py --lengths 16 32 --batch 1 --width 16 --repeats 1 --out /tmp/b   # seconds
 
-layers: for each layer (the app's cores: TTT-Linear and TTT-MLP in their primal and dual forms, the LSTM sized like
-TTT-Linear, softmax attention) at each length T: forward+backward milliseconds (median of --repeats runs, and
+layers: for each layer (the app's cores: TTT-Linear and TTT-MLP in their primal, dual and compiled forms (the
+compiled form's one-off compilation falls in the warm-up), the LSTM sized like TTT-Linear, softmax attention) at each length T: forward+backward milliseconds (median of --repeats runs, and
 of at least 2 s of runs, after one warm-up) and the peak of live tensors one forward+backward allocates
 (profiler allocation events, weights excluded). Every token writes (no read-only queries); attention is the
 app's: every token attends to every token. The growth exponent is the slope of log time against log T over
@@ -13,9 +13,12 @@ T >= --fit-from (TTT and the LSTM should be ~1, attention ~2 at long lengths).
 
 episodes: test-time milliseconds per episode of every model of the comparison, as its Omniglot config builds it
 (weights untrained: the cost does not depend on them), on random 28x28 episodes with 15 queries per class:
-5-way 1-shot, 20-way 5-shot, and many-shot 20-way 50-shot and 100-way 10-shot (1,000 support tokens; models
+5-way 1-shot, 5-way 5-shot, 20-way 5-shot, and many-shot 20-way 50-shot and 100-way 10-shot (1,000 support tokens; models
 built from the 20w5s configs with max_ways / ways raised). MAML adapts with 1 and 10 steps. Median of
 repeated batches of --episode-batch episodes (one for many-shot) under inference_mode, after a warm-up.
+
+context: accuracy of TTT-Linear, the LSTM and attention meta-trained at 5-way 5-shot and scored at 1..15 shots
+and 5..200 ways (scripts/context_scaling.py; trains a model per core, so it runs only when named).
 
 training: episodes per second of ``fit`` (Lightning's loop, data loading included, no validation) for the
 TTT-Linear model of configs/omniglot/ttt_linear_{5w1s,20w5s}.yaml on --train-dataset, timed over --train-steps
@@ -45,13 +48,12 @@ from ttt_meta.learners import MAMLLearner  # noqa: E402
 from ttt_meta.nn.cores import make_core  # noqa: E402
 
 # name -> (core, TTT form or None)
-LAYERS = {"ttt_linear primal": ("ttt_linear", "primal"), "ttt_linear dual": ("ttt_linear", "dual"),
-          "ttt_mlp primal": ("ttt_mlp", "primal"), "ttt_mlp dual": ("ttt_mlp", "dual"),
-          "lstm": ("lstm", None), "attention": ("attention", None)}
+LAYERS = {f"{core} {form}": (core, form) for core in ("ttt_linear", "ttt_mlp") for form in ("primal", "dual", "compiled")}
+LAYERS.update({"lstm": ("lstm", None), "attention": ("attention", None)})
 
 
 # episode settings: name -> (ways, shots, config setting the model is built from, many-shot: 1 episode per batch)
-SETTINGS = {"5w1s": (5, 1, "5w1s", False), "20w5s": (20, 5, "20w5s", False), "20w50s": (20, 50, "20w5s", True),
+SETTINGS = {"5w1s": (5, 1, "5w1s", False), "5w5s": (5, 5, "5w5s", False), "20w5s": (20, 5, "20w5s", False), "20w50s": (20, 50, "20w5s", True),
             "100w10s": (100, 10, "20w5s", True)}
 # model -> (config name, MAML adaptation steps at test or None)
 MODELS = {"ttt_linear": ("ttt_linear", None), "ttt_mlp": ("ttt_mlp", None), "lstm": ("lstm", None),
@@ -183,11 +185,12 @@ def write(rows: list[dict], meta: dict, args) -> str:
             s["exponent"] = growth_exponent(ts, [at[name, t]["ms"] for t in ts])
             s["from"], s["to"], s["time_ratio"] = ts[0], ts[-1], at[name, ts[-1]]["ms"] / at[name, ts[0]]["ms"]
         summary[name] = s
-    ratios = {f"{kind} primal/dual": {t: at[f"{kind} primal", t]["ms"] / at[f"{kind} dual", t]["ms"] for t in lengths
-                                      if (f"{kind} primal", t) in at and (f"{kind} dual", t) in at}
-              for kind in ("ttt_linear", "ttt_mlp") if f"{kind} primal" in names and f"{kind} dual" in names}
+    ratios = {f"{kind} primal/{fast}": {t: at[f"{kind} primal", t]["ms"] / at[f"{kind} {fast}", t]["ms"] for t in lengths
+                                       if (f"{kind} primal", t) in at and (f"{kind} {fast}", t) in at}
+              for kind in ("ttt_linear", "ttt_mlp") for fast in ("dual", "compiled")
+              if f"{kind} primal" in names and f"{kind} {fast}" in names}
     (out / "bench_layers.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary,
-                                                       "primal/dual": ratios}, indent=1))
+                                                       "speedup over primal": ratios}, indent=1))
     head = (f"Forward+backward per layer: B={meta['batch']}, width {meta['width']}, {meta['heads']} heads (head dim "
             f"{meta['width'] // meta['heads']}), TTT inner mini-batch {meta['mini_batch']}, float32, {meta['threads']} "
             f"threads, {meta['machine']}, torch {meta['torch']}. Milliseconds (median) / peak MB of live tensors.")
@@ -234,7 +237,8 @@ def _plot(rows, names, meta, path: Path) -> None:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["layers", "episodes", "training"],
-                        choices=["layers", "episodes", "training"])
+                        choices=["layers", "episodes", "training", "context"],
+                        help="context (training three models) runs only when named")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--batch", type=int, default=4)
@@ -253,6 +257,20 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--train-dataset", default="omniglot", choices=["omniglot", "synthetic"],
                         help="omniglot reads data.root / TTT_META_DATA like the app")
+    parser.add_argument("--context-cores", nargs="+", default=["ttt_linear", "lstm", "attention"],
+                        choices=["ttt_linear", "ttt_mlp", "lstm", "attention"])
+    parser.add_argument("--context-shots", type=int, nargs="+", default=[1, 2, 5, 10, 15])
+    parser.add_argument("--context-ways", type=int, nargs="+", default=[5, 20, 50, 100, 200])
+    parser.add_argument("--context-queries", type=int, default=5)
+    parser.add_argument("--context-episodes", type=int, default=200)
+    parser.add_argument("--context-max-images", type=int, default=4000, help="images per evaluation batch, at most")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--context-budget-seconds", type=float, default=900.0, help="training time per model")
+    budget.add_argument("--context-budget-steps", type=int)
+    budget.add_argument("--context-from-checkpoints", action="store_true",
+                        help="no training: score checkpoints/context_<core>/last.ckpt of an earlier run")
+    parser.add_argument("--context-override", nargs="*", default=[], help="config overrides key=value, every model")
+    parser.add_argument("--configs", type=Path, default=ROOT / "configs" / "omniglot")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("TTT_META_THREADS", os.cpu_count() or 1)))
@@ -287,6 +305,9 @@ def main(argv=None) -> list[dict]:
                             for r in rows["training"]]) + "\n"
         (args.out / "bench_training.md").write_text(text)
         print(text)
+    if "context" in args.sections:
+        from context_scaling import run as run_context
+        rows["context"] = run_context(args, meta)
     return rows
 
 

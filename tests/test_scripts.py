@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -21,8 +23,30 @@ def test_bench(tmp_path):
     assert set(episodes["ratios"]["maml_10 / ttt_linear"]) == {"5w1s"}
     assert rows["training"][0]["train_episodes_per_s"] > 0 and (tmp_path / "bench_training.md").exists()
     result = json.loads((tmp_path / "bench_layers.json").read_text())
-    assert set(result["summary"]) == set(bench.LAYERS) and "ttt_linear primal/dual" in result["primal/dual"]
+    assert set(result["summary"]) == set(bench.LAYERS) and {"ttt_linear primal/dual", "ttt_linear primal/compiled"} <= set(result["speedup over primal"])
     assert (tmp_path / "bench_layers.png").stat().st_size > 0
+
+
+def test_bench_context_tiny(tmp_path, monkeypatch):
+    """The context section trains each core with random label ids and scores the whole grid, then rescores."""
+    import bench
+    monkeypatch.chdir(tmp_path)
+    overrides = ["data.dataset=synthetic", "data.train_batches_per_epoch=2", "data.val_episodes=4",
+                 "data.meta_batch_size=2", "model.init_args.width=16", "model.init_args.encoder_channels=4",
+                 "trainer.val_check_interval=null"]
+    common = ["--sections", "context", "--context-cores", "ttt_linear", "lstm", "--context-shots", "1", "3",
+              "--context-ways", "5", "8", "--context-queries", "2", "--context-episodes", "3",
+              "--context-max-images", "40", "--context-override", *overrides, "--out", str(tmp_path / "results")]
+    rows = bench.main([*common, "--context-budget-steps", "2"])["context"]
+    grid = [(5, 1), (5, 3), (5, 5), (8, 5)]
+    assert [(r["model"], r["ways"], r["shots"]) for r in rows] == [(m, *g) for m in ("ttt_linear", "lstm") for g in grid]
+    assert all(r["episodes"] == 3 and 0 <= r["acc"] <= 1 and r["train_steps"] == 2 for r in rows)
+    ckpt = torch.load(tmp_path / "checkpoints" / "context_ttt_linear" / "last.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"]["max_ways"] == 8 and ckpt["datamodule_hyper_parameters"]["label_space"] == 8
+    again = bench.main([*common, "--context-from-checkpoints"])["context"]
+    assert [r["acc"] for r in again] == [r["acc"] for r in rows]  # the same fixed episodes, the same weights
+    for suffix in (".json", ".md", ".png"):
+        assert (tmp_path / "results" / f"context_scaling{suffix}").stat().st_size > 0
 
 
 def test_compare_tiny(tmp_path, monkeypatch):
