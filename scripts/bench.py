@@ -21,8 +21,9 @@ context: accuracy of TTT-Linear, the LSTM and attention meta-trained at 5-way 5-
 and 5..200 ways (scripts/context_scaling.py; trains a model per core, so it runs only when named).
 
 training: episodes per second of ``fit`` (Lightning's loop, data loading included, no validation) for the
-TTT-Linear model of configs/omniglot/ttt_linear_{5w1s,20w5s}.yaml on --train-dataset, timed over --train-steps
-steps after 3 warm-up steps (run in a temporary folder).
+TTT-Linear model of configs/omniglot/ttt_linear_{5w1s,20w5s}.yaml on --train-dataset in float32 and in bf16
+autocast (trainer.precision bf16-mixed), timed over --train-steps steps after 3 warm-up steps (in a temporary
+folder).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class _StepClock(L.Callback):
         self.end = now
 
 
-def measure_training(setting: str, args) -> dict:
+def measure_training(setting: str, precision: str, args) -> dict:
     skip = 3
     clock = _StepClock(skip)
     config = ROOT / "configs" / "omniglot" / f"ttt_linear_{setting}.yaml"
@@ -133,7 +134,7 @@ def measure_training(setting: str, args) -> dict:
         try:
             cli = cli_main(["--config", str(config), f"--data.dataset={args.train_dataset}",
                             f"--trainer.max_steps={skip + args.train_steps}", "--trainer.limit_val_batches=0",
-                            "--trainer.enable_progress_bar=false",
+                            "--trainer.enable_progress_bar=false", f"--trainer.precision={precision}",
                             "--trainer.enable_model_summary=false", f"--data.train_batches_per_epoch={skip + args.train_steps}"],
                            run=False)
             cli.trainer.callbacks.append(clock)
@@ -141,7 +142,7 @@ def measure_training(setting: str, args) -> dict:
         finally:
             os.chdir(cwd)
     episodes_per_step = cli.datamodule.hparams.meta_batch_size
-    return {"setting": setting, "dataset": args.train_dataset, "steps": args.train_steps,
+    return {"setting": setting, "precision": precision, "dataset": args.train_dataset, "steps": args.train_steps,
             "episodes_per_step": episodes_per_step,
             "train_episodes_per_s": args.train_steps * episodes_per_step / (clock.end - clock.start)}
 
@@ -255,6 +256,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--episode-batch", type=int, default=16)
     parser.add_argument("--train-settings", nargs="+", default=["5w1s", "20w5s"], choices=["5w1s", "20w5s"])
     parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--train-precisions", nargs="+", default=["32-true", "bf16-mixed"],
+                        help="trainer.precision values; bf16-mixed pays on CPUs with native bf16 (AVX512-BF16, AMX)")
     parser.add_argument("--train-dataset", default="omniglot", choices=["omniglot", "synthetic"],
                         help="omniglot reads data.root / TTT_META_DATA like the app")
     parser.add_argument("--context-cores", nargs="+", default=["ttt_linear", "lstm", "attention"],
@@ -295,13 +298,15 @@ def main(argv=None) -> list[dict]:
                 print(json.dumps(rows["episodes"][-1]), flush=True)
         print(write_episodes(rows["episodes"], meta, args))
     if "training" in args.sections:
-        rows["training"] = [measure_training(setting, args) for setting in args.train_settings]
+        rows["training"] = [measure_training(setting, precision, args) for setting in args.train_settings
+                            for precision in args.train_precisions]
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_training.json").write_text(json.dumps({"meta": meta, "rows": rows["training"]}, indent=1))
         text = "\n".join([f"fit episodes/s, TTT-Linear ({meta['threads']} threads, {meta['machine']}, torch "
                           f"{meta['torch']}; {args.train_steps} steps after 3 warm-up steps, data loading included):",
-                          "", "| setting | data | episodes per step | episodes/s |", "| --- | --- | --- | --- |"]
-                         + [f"| {r['setting']} | {r['dataset']} | {r['episodes_per_step']} | {r['train_episodes_per_s']:.1f} |"
+                          "", "| setting | precision | data | episodes per step | episodes/s |", "| --- | --- | --- | --- | --- |"]
+                         + [f"| {r['setting']} | {r['precision']} | {r['dataset']} | {r['episodes_per_step']} | "
+                            f"{r['train_episodes_per_s']:.1f} |"
                             for r in rows["training"]]) + "\n"
         (args.out / "bench_training.md").write_text(text)
         print(text)

@@ -21,7 +21,8 @@ def test_bench(tmp_path):
     assert [(r["model"], r["adaptation_steps"]) for r in rows["episodes"]] == [("ttt_linear", None), ("maml_10", 10)]
     episodes = json.loads((tmp_path / "bench_episodes.json").read_text())
     assert set(episodes["ratios"]["maml_10 / ttt_linear"]) == {"5w1s"}
-    assert rows["training"][0]["train_episodes_per_s"] > 0 and (tmp_path / "bench_training.md").exists()
+    assert [r["precision"] for r in rows["training"]] == ["32-true", "bf16-mixed"]
+    assert all(r["train_episodes_per_s"] > 0 for r in rows["training"]) and (tmp_path / "bench_training.md").exists()
     result = json.loads((tmp_path / "bench_layers.json").read_text())
     assert set(result["summary"]) == set(bench.LAYERS) and {"ttt_linear primal/dual", "ttt_linear primal/compiled"} <= set(result["speedup over primal"])
     assert (tmp_path / "bench_layers.png").stat().st_size > 0
