@@ -61,6 +61,7 @@ class SequenceMetaLearner(EpisodicLearner):
         for _, layer in self.ttt_layers():
             layer.record, layer.last_record = on, None
 
+    @torch.no_grad()
     def inner_loss_curves(self, episode: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
         """Per TTT layer, the inner loss of each support token of `episode` (mean over heads) under the initial
         and under the final state: ([NK], [NK]). From the last recorded forward."""
@@ -75,6 +76,7 @@ class SequenceMetaLearner(EpisodicLearner):
                 curves[name.removeprefix("model.")] = (before, after)
         return curves
 
+    @torch.no_grad()
     def inner_loop_stats(self) -> dict[str, Tensor]:
         """Per TTT layer: inner loss of the support tokens under W0 and under the final state (and their ratio),
         the inner learning rate of the writing tokens (mean, min, max), and ||W_end - W0|| (mean over episodes)."""

@@ -20,8 +20,8 @@ Three forms compute the same thing:
   ``q W_t + b_t = q W_s + b_s - tril(eta_j (q_t . k_j + 1)) dZ`` and ``W_end = W_s - (eta * k)^T dZ``: only
   matrix products, no per-token weight copies. Trailing read-only tokens all read the final state, so they are
   evaluated in one batched product after the scan.
-- ``compiled``: the dual form with its per-mini-batch step through ``torch.compile`` (fused small ops; the first
-  call of each shape compiles, seconds on CPU).
+- ``compiled``: the dual form with its step through ``torch.compile``, 8 mini-batches per call (fused small ops,
+  fewer calls; the first call of each shape compiles, seconds on CPU).
 
 Inner gradients are closed form (no autograd in the forward), so both forms run under
 ``torch.inference_mode()`` and the outer loop differentiates through them. One difference: eta = 0 marks a
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 FORMS = ("primal", "dual", "compiled")
 _EPS = 1e-6
+_GROUP = 8  # mini-batches per call of the compiled step: fewer calls, each a larger fused graph
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -124,8 +125,9 @@ def ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, mini_batch_size: int, f
     target = v - k
     if form == "primal":
         return _linear_primal(q, k, target, eta, W, b, lw, lb, mini_batch_size)
-    chunk = _compiled(_linear_chunk) if form == "compiled" else _linear_chunk
-    return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size, chunk)
+    if form == "compiled":
+        return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size, _compiled(_linear_chunks), _GROUP)
+    return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size)
 
 
 def _linear_primal(q, k, target, eta, W, b, lw, lb, m):
@@ -141,23 +143,28 @@ def _linear_primal(q, k, target, eta, W, b, lw, lb, m):
     return torch.cat(outs, dim=2), W, b.squeeze(2)
 
 
-def _linear_chunk(kq1: Tensor, c: Tensor, AE: Tensor, Wb: Tensor, w2: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """One mini-batch of the dual form, two matrix products. kq1 [B, H, 2m, D+1]: the keys then the queries, with
-    a column of ones; Wb [B, H, D+1, D]: W with b as its last row; c [B, H, m, D] as `_ln_l2_grad`;
-    AE [B, H, m+D+1, m]: A (A[t, j] = eta_j (q_t . k_j + 1), j <= t) over (eta k, eta)^T.
-    Returns (the queries' pre-LN outputs q W_t + b_t [B, H, m, D], the next Wb)."""
-    Zkq = kq1 @ Wb
-    U = AE @ _ln_l2_grad(Zkq[:, :, :m], c, w2)
-    return Zkq[:, :, m:] - U[:, :, :m], Wb - U[:, :, m:]
+def _linear_chunks(kq1: Tensor, c: Tensor, AE: Tensor, Wb: Tensor, w2: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """G consecutive mini-batches of the dual form, two matrix products each. kq1 [B, H, G, 2m, D+1]: the keys then
+    the queries, with a column of ones; Wb [B, H, D+1, D]: W with b as its last row; c [B, H, G, m, D] as
+    `_ln_l2_grad`; AE [B, H, G, m+D+1, m]: A (A[t, j] = eta_j (q_t . k_j + 1), j <= t) over (eta k, eta)^T.
+    Returns (the queries' pre-LN outputs q W_t + b_t [B, H, G*m, D], Wb after the G mini-batches)."""
+    Zq = []
+    for kq1_i, c_i, AE_i in zip(kq1.unbind(2), c.unbind(2), AE.unbind(2)):
+        Zkq = kq1_i @ Wb
+        U = AE_i @ _ln_l2_grad(Zkq[:, :, :m], c_i, w2)
+        Zq.append(Zkq[:, :, m:] - U[:, :, :m])
+        Wb = Wb - U[:, :, m:]
+    return torch.cat(Zq, dim=2), Wb
 
 
-def _linear_dual(q, k, target, eta, W, b, lw, lb, m, chunk=_linear_chunk):
+def _linear_dual(q, k, target, eta, W, b, lw, lb, m, chunks=_linear_chunks, group=1):
     T = q.shape[2]
     n = _scan_length(eta, T, m)
     Wb = torch.cat([W, b], dim=2)  # [B, H, D+1, D]
     Zs = []
     if n:
-        nc = -(-n // m)
+        g = min(group, -(-n // m))
+        nc = -(-n // (g * m)) * g  # whole groups of g mini-batches; padding tokens have eta 0 and change nothing
         qc, kc, tc = (_pad_chunks(x[:, :, :n], nc * m, m) for x in (q, k, target))
         ec = _pad_chunks(eta[:, :, :n], nc * m, m).unsqueeze(-1)  # [B, H, nc, m, 1]
         ones = torch.ones_like(ec)
@@ -167,9 +174,9 @@ def _linear_dual(q, k, target, eta, W, b, lw, lb, m, chunk=_linear_chunk):
         kq1 = torch.cat([k1, q1], dim=3)
         c = (lb.unsqueeze(2) - tc) * lw.unsqueeze(2)  # every chunk's c at once
         w2 = lw.square()
-        # unbind, not indexing: the backward of x[:, :, i] writes a zero tensor of x's full size per chunk (O(T^2))
-        for kq_i, c_i, AE_i in zip(kq1.unbind(2), c.unbind(2), AE.unbind(2)):
-            Zq, Wb = chunk(kq_i, c_i, AE_i, Wb, w2, m)
+        # split/unbind, not indexing: the backward of x[:, :, i] writes a zero tensor of x's size per chunk (O(T^2))
+        for parts in zip(kq1.split(g, dim=2), c.split(g, dim=2), AE.split(g, dim=2)):
+            Zq, Wb = chunks(*parts, Wb, w2, m)
             Zs.append(Zq)
         Zs = [torch.cat(Zs, dim=2)[:, :, :n]]
     W, b = Wb[:, :, :-1], Wb[:, :, -1:]
@@ -193,8 +200,8 @@ def ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size: i
     if form == "primal":
         z, (W1, b1, W2, b2) = _mlp_primal(q, k, v - k, eta, state, lw, lb, mini_batch_size)
     else:
-        chunk = _compiled(_mlp_chunk) if form == "compiled" else _mlp_chunk
-        z, (W1, b1, W2, b2) = _mlp_dual(q, k, v - k, eta, state, lw, lb, mini_batch_size, chunk)
+        compiled = (_compiled(_mlp_chunks), _GROUP) if form == "compiled" else ()
+        z, (W1, b1, W2, b2) = _mlp_dual(q, k, v - k, eta, state, lw, lb, mini_batch_size, *compiled)
     return z, (W1, b1.squeeze(2), W2, b2.squeeze(2))
 
 
@@ -224,28 +231,33 @@ def _mlp_primal(q, k, target, eta, state, lw, lb, m):
     return torch.cat(outs, dim=2), (W1, b1, W2, b2)
 
 
-def _mlp_chunk(kq, c, A1, ekT, e, W1, b1, W2, b2, w2, m: int):
-    """One mini-batch of the TTT-MLP dual form. kq [B, H, 2m, D] (keys then queries), c and w2 as `_ln_l2_grad`,
-    A1 [B, H, m, m] (eta_j (q_t . k_j + 1), j <= t), ekT [B, H, D, m] = (eta k)^T, e [B, H, 1, m] = eta.
-    Returns (the queries' pre-LN outputs [B, H, m, D], W1, b1, W2, b2 after the mini-batch)."""
-    Z1 = kq @ W1 + b1
-    Z1k = Z1[:, :, :m]
-    X2k = _gelu(Z1k)
-    dZ2 = _ln_l2_grad(X2k @ W2 + b2, c, w2)
-    dZ1 = (dZ2 @ W2.transpose(-1, -2)) * _gelu_grad(Z1k)
-    X2q = _gelu(Z1[:, :, m:] - A1 @ dZ1)
-    A2 = torch.tril(X2q @ X2k.transpose(-1, -2) + 1) * e
-    Zq = X2q @ W2 + b2 - A2 @ dZ2
-    return Zq, W1 - ekT @ dZ1, b1 - e @ dZ1, W2 - (e.transpose(-1, -2) * X2k).transpose(-1, -2) @ dZ2, b2 - e @ dZ2
+def _mlp_chunks(kq, c, A1, ekT, e, W1, b1, W2, b2, w2, m: int):
+    """G consecutive mini-batches of the TTT-MLP dual form. kq [B, H, G, 2m, D] (keys then queries), c and w2 as
+    `_ln_l2_grad`, A1 [B, H, G, m, m] (eta_j (q_t . k_j + 1), j <= t), ekT [B, H, G, D, m] = (eta k)^T,
+    e [B, H, G, 1, m] = eta. Returns (the queries' pre-LN outputs [B, H, G*m, D], W1, b1, W2, b2 after them)."""
+    Zq = []
+    for kq_i, c_i, A1_i, ekT_i, e_i in zip(*(x.unbind(2) for x in (kq, c, A1, ekT, e))):
+        Z1 = kq_i @ W1 + b1
+        Z1k = Z1[:, :, :m]
+        X2k = _gelu(Z1k)
+        dZ2 = _ln_l2_grad(X2k @ W2 + b2, c_i, w2)
+        dZ1 = (dZ2 @ W2.transpose(-1, -2)) * _gelu_grad(Z1k)
+        X2q = _gelu(Z1[:, :, m:] - A1_i @ dZ1)
+        A2 = torch.tril(X2q @ X2k.transpose(-1, -2) + 1) * e_i
+        Zq.append(X2q @ W2 + b2 - A2 @ dZ2)
+        W1, b1 = W1 - ekT_i @ dZ1, b1 - e_i @ dZ1
+        W2, b2 = W2 - (e_i.transpose(-1, -2) * X2k).transpose(-1, -2) @ dZ2, b2 - e_i @ dZ2
+    return torch.cat(Zq, dim=2), W1, b1, W2, b2
 
 
-def _mlp_dual(q, k, target, eta, state, lw, lb, m, chunk=_mlp_chunk):
+def _mlp_dual(q, k, target, eta, state, lw, lb, m, chunks=_mlp_chunks, group=1):
     W1, b1, W2, b2 = state
     T = q.shape[2]
     n = _scan_length(eta, T, m)
     Zs = []
     if n:
-        nc = -(-n // m)
+        g = min(group, -(-n // m))
+        nc = -(-n // (g * m)) * g  # whole groups, as in _linear_dual
         qc, kc, tc = (_pad_chunks(x[:, :, :n], nc * m, m) for x in (q, k, target))
         ec = _pad_chunks(eta[:, :, :n], nc * m, m)
         kq = torch.cat([kc, qc], dim=3)
@@ -253,8 +265,8 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m, chunk=_mlp_chunk):
         ekT = (ec.unsqueeze(-1) * kc).transpose(-1, -2)
         c = (lb.unsqueeze(2) - tc) * lw.unsqueeze(2)
         w2 = lw.square()
-        for kq_i, c_i, A1_i, ekT_i, e in zip(*(x.unbind(2) for x in (kq, c, A1, ekT, ec.unsqueeze(-2)))):
-            Zq, W1, b1, W2, b2 = chunk(kq_i, c_i, A1_i, ekT_i, e, W1, b1, W2, b2, w2, m)
+        for parts in zip(*(x.split(g, dim=2) for x in (kq, c, A1, ekT, ec.unsqueeze(-2)))):
+            Zq, W1, b1, W2, b2 = chunks(*parts, W1, b1, W2, b2, w2, m)
             Zs.append(Zq)
         Zs = [torch.cat(Zs, dim=2)[:, :, :n]]
     if n < T:
