@@ -1,11 +1,14 @@
-"""What things cost, all measured in one run: the layers against context length, and test-time episodes.
+"""What things cost, each section measured in one run: the layers against context length, test-time episodes,
+training throughput, and (when named) what more context buys in accuracy.
 
-    python scripts/bench.py                       # both sections, results/bench_{layers,episodes}.*
+    python scripts/bench.py                       # layers, episodes, training: results/bench_*.{json,md,png}
     python scripts/bench.py --sections episodes   # one section
+    python scripts/bench.py --sections context    # trains 3 models: results/context_scaling.{json,md,png}
     python scripts/bench.py --lengths 16 32 --batch 1 --width 16 --repeats 1 --out /tmp/b   # seconds
 
 layers: for each layer (the app's cores: TTT-Linear and TTT-MLP in their primal, dual and compiled forms (the
-compiled form's one-off compilation falls in the warm-up), the LSTM sized like TTT-Linear, softmax attention) at each length T: forward+backward milliseconds (median of --repeats runs, and
+compiled form's one-off compilation falls in the warm-up), the LSTM sized like TTT-Linear, softmax attention) at
+each length T: forward+backward milliseconds (median of --repeats runs, and
 of at least 2 s of runs, after one warm-up) and the peak of live tensors one forward+backward allocates
 (profiler allocation events, weights excluded). Every token writes (no read-only queries); attention is the
 app's: every token attends to every token. The growth exponent is the slope of log time against log T over
@@ -13,17 +16,17 @@ T >= --fit-from (TTT and the LSTM should be ~1, attention ~2 at long lengths).
 
 episodes: test-time milliseconds per episode of every model of the comparison, as its Omniglot config builds it
 (weights untrained: the cost does not depend on them), on random 28x28 episodes with 15 queries per class:
-5-way 1-shot, 5-way 5-shot, 20-way 5-shot, and many-shot 20-way 50-shot and 100-way 10-shot (1,000 support tokens; models
-built from the 20w5s configs with max_ways / ways raised). MAML adapts with 1 and 10 steps. Median of
+5-way 1-shot, 5-way 5-shot, 20-way 5-shot, and many-shot 20-way 50-shot and 100-way 10-shot (1,000 support
+tokens; models built from the 20w5s configs with max_ways / ways raised). MAML adapts with 1 and 10 steps. Median of
 repeated batches of --episode-batch episodes (one for many-shot) under inference_mode, after a warm-up.
-
-context: accuracy of TTT-Linear, the LSTM and attention meta-trained at 5-way 5-shot and scored at 1..15 shots
-and 5..200 ways (scripts/context_scaling.py; trains a model per core, so it runs only when named).
 
 training: episodes per second of ``fit`` (Lightning's loop, data loading included, no validation) for the
 TTT-Linear model of configs/omniglot/ttt_linear_{5w1s,20w5s}.yaml on --train-dataset in float32 and in bf16
 autocast (trainer.precision bf16-mixed), timed over --train-steps steps after 3 warm-up steps (in a temporary
 folder).
+
+context: accuracy of TTT-Linear, the LSTM and attention meta-trained at 5-way 5-shot and scored at 1..15 shots
+and 5..200 ways (scripts/context_scaling.py; trains a model per core, so it runs only when named).
 """
 
 from __future__ import annotations
@@ -168,7 +171,28 @@ def write_episodes(rows: list[dict], meta: dict, args) -> str:
     lines += [f"| **{name}** | " + " | ".join(f"**{r:.2f}x**" for r in by.values()) + " |" for name, by in ratios.items()]
     text = "\n".join(lines) + "\n"
     (args.out / "bench_episodes.md").write_text(text)
+    _plot_episodes(at, models, settings, args.out / "bench_episodes.png")
     return text
+
+
+def _plot_episodes(at, models, settings, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        ax.bar([j + i * width for j in range(len(settings))], [at[m, s]["ms_per_episode"] for s in settings],
+               width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
+    ax.set_yscale("log")
+    ax.set_ylabel("test-time ms per episode")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write(rows: list[dict], meta: dict, args) -> str:

@@ -25,7 +25,7 @@ def test_bench(tmp_path):
     assert all(r["train_episodes_per_s"] > 0 for r in rows["training"]) and (tmp_path / "bench_training.md").exists()
     result = json.loads((tmp_path / "bench_layers.json").read_text())
     assert set(result["summary"]) == set(bench.LAYERS) and {"ttt_linear primal/dual", "ttt_linear primal/compiled"} <= set(result["speedup over primal"])
-    assert (tmp_path / "bench_layers.png").stat().st_size > 0
+    assert (tmp_path / "bench_layers.png").stat().st_size > 0 and (tmp_path / "bench_episodes.png").stat().st_size > 0
 
 
 def test_bench_context_tiny(tmp_path, monkeypatch):
