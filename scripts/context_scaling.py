@@ -87,9 +87,9 @@ def write(rows: list[dict], meta: dict, out: Path) -> str:
             f"{meta['threads']} threads, {meta['machine']}, torch {meta['torch']}. Training steps: "
             + ", ".join(f"{m} {s}" for m, s in steps.items()) + ".")
     lines = [head]
-    for title, key, fixed in (("5-way, K shots", "shots", 5), ("N-way, 5 shots", "ways", 5)):
+    for title, key, letter, fixed in (("5-way, K shots", "shots", "K", 5), ("N-way, 5 shots", "ways", "N", 5)):
         cols = sorted({r[key] for r in rows if r["ways" if key == "shots" else "shots"] == fixed})
-        lines += ["", f"**{title}**", "", f"| model | " + " | ".join(f"{key[0].upper()}={c}" for c in cols) + " |",
+        lines += ["", f"**{title}**", "", "| model | " + " | ".join(f"{letter}={c}" for c in cols) + " |",
                   "| --- |" + " --- |" * len(cols)]
         for m in models:
             cells = [at.get((m, fixed, c) if key == "shots" else (m, c, fixed)) for c in cols]
