@@ -254,3 +254,24 @@ def test_inner_loop_stays_float32_under_autocast(cls):
     torch.testing.assert_close(state, state32, rtol=1e-6, atol=1e-6)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_grouped_scan_equals_one_mini_batch_per_call(kind):
+    """The compiled form's scan takes G mini-batches per call and pads the last group with eta-0 tokens: with
+    G = 3 over 7 mini-batches (3 groups, 2 padding mini-batches) it equals the scan that takes one per call."""
+    from ttt_meta.nn import ttt
+
+    (q, k, v, eta), ln, lin, mlp = _inputs(T=30, seed=6)
+    eta[:, :, 27:] = 0  # trailing read-only tokens, read after the scan
+    lw, lb = ln[0].unsqueeze(1), ln[1].unsqueeze(1)
+    if kind == "linear":
+        W, b = lin[0].expand(B, *lin[0].shape), lin[1].expand(B, *lin[1].shape).unsqueeze(2)
+        one = ttt._linear_dual(q, k, v - k, eta, W, b, lw, lb, 4)
+        grouped = ttt._linear_dual(q, k, v - k, eta, W, b, lw, lb, 4, group=3)
+    else:
+        state = tuple(p.expand(B, *p.shape) for p in mlp)
+        state = (state[0], state[1].unsqueeze(2), state[2], state[3].unsqueeze(2))
+        one = ttt._mlp_dual(q, k, v - k, eta, state, lw, lb, 4)
+        grouped = ttt._mlp_dual(q, k, v - k, eta, state, lw, lb, 4, group=3)
+    torch.testing.assert_close(grouped, one, rtol=1e-12, atol=1e-12)

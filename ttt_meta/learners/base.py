@@ -33,14 +33,14 @@ class EpisodicLearner(L.LightningModule):
         warmup_steps: linear warm-up steps, then cosine decay to 0 at the last step of the run.
     """
 
+    reads_label_ids = False  # whether forward uses a batch's label_ids (data.label_space)
+
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model lr must be > 0, got {lr}")
         self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
-
-    reads_label_ids = False  # whether forward uses a batch's label_ids (data.label_space)
 
     def check_data(self, datamodule) -> None:
         """Raise a clear ValueError when this model cannot serve the data module's episodes (subclasses add

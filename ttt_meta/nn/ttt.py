@@ -76,10 +76,15 @@ def _gelu_grad(x: Tensor) -> Tensor:
 
 
 @functools.cache
-def _compiled(chunk):
-    """A chunk step of the dual form through torch.compile (inductor fuses its small ops into a few kernels; on
+def _compiled(chunks):
+    """A scan step of the dual form through torch.compile (inductor fuses its small ops into a few kernels; on
     CPU it needs a C++ compiler). Compiled once per shape, then with dynamic shapes after a second shape."""
-    return torch.compile(chunk)
+    return torch.compile(chunks)
+
+
+def _scan(chunks, form: str) -> tuple:
+    """(scan step, mini-batches per call) of a dual form: the eager step one at a time, or compiled, _GROUP."""
+    return (_compiled(chunks), _GROUP) if form == "compiled" else (chunks, 1)
 
 
 def _batched(p: Tensor, B: int, per_head_dims: int) -> Tensor:
@@ -125,9 +130,7 @@ def ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, mini_batch_size: int, f
     target = v - k
     if form == "primal":
         return _linear_primal(q, k, target, eta, W, b, lw, lb, mini_batch_size)
-    if form == "compiled":
-        return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size, _compiled(_linear_chunks), _GROUP)
-    return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size)
+    return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size, *_scan(_linear_chunks, form))
 
 
 def _linear_primal(q, k, target, eta, W, b, lw, lb, m):
@@ -200,8 +203,7 @@ def ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size: i
     if form == "primal":
         z, (W1, b1, W2, b2) = _mlp_primal(q, k, v - k, eta, state, lw, lb, mini_batch_size)
     else:
-        compiled = (_compiled(_mlp_chunks), _GROUP) if form == "compiled" else ()
-        z, (W1, b1, W2, b2) = _mlp_dual(q, k, v - k, eta, state, lw, lb, mini_batch_size, *compiled)
+        z, (W1, b1, W2, b2) = _mlp_dual(q, k, v - k, eta, state, lw, lb, mini_batch_size, *_scan(_mlp_chunks, form))
     return z, (W1, b1.squeeze(2), W2, b2.squeeze(2))
 
 
