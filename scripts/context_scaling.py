@@ -42,8 +42,7 @@ def score(model, test, ways: int, shots: int, queries: int, episodes: int, seed:
     with torch.inference_mode():
         for start in range(0, episodes, per_batch):
             batch = fixed.__getitems__(list(range(start, min(episodes, start + per_batch))))
-            logits = model(batch)
-            accs.append((logits.argmax(-1) == batch["query_labels"]).float().mean(1))
+            accs.append(model._step(batch)[1])  # per-episode accuracy, as the learner's test step
     mean, ci = confidence_interval(torch.cat(accs))
     return {"ways": ways, "shots": shots, "acc": mean, "ci95": ci, "episodes": episodes,
             "seconds": time.perf_counter() - t0}
