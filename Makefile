@@ -1,6 +1,8 @@
 # make run   : set everything up, then train the quickstart model (CONFIG=... to train another)
 # make test  : set everything up, then run the test suite
-PYTHON ?= python3
+# Everything installs into the project's virtual environment .venv (created when missing, from BASE_PYTHON,
+# default python3); PYTHON=/path/to/python installs into and runs with that interpreter instead.
+PYTHON ?= .venv/bin/python
 CONFIG ?= configs/quickstart.yaml
 export PYTHON
 
