@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning as L  # noqa: E402
 from bench_encoders import episodes, timed, train_peak_mb  # noqa: E402
+
 from ttt_meta.cli import main as cli_main  # noqa: E402
 from ttt_meta.learners import MAMLLearner  # noqa: E402
 from ttt_meta.nn.cores import make_core  # noqa: E402
@@ -295,7 +296,8 @@ def main(argv=None) -> list[dict]:
     budget.add_argument("--context-budget-seconds", type=float, default=900.0, help="training time per model")
     budget.add_argument("--context-budget-steps", type=int)
     budget.add_argument("--context-from-checkpoints", action="store_true",
-                        help="no training: score checkpoints/context_<core>/last.ckpt of an earlier run")
+                        help="no training: score the newest checkpoints/context_<core>/version_N/last.ckpt "
+                             "of an earlier run")
     parser.add_argument("--context-override", nargs="*", default=[], help="config overrides key=value, every model")
     parser.add_argument("--configs", type=Path, default=ROOT / "configs" / "omniglot")
     parser.add_argument("--out", type=Path, default=ROOT / "results")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ttt_meta.checkpointing import check_checkpoint
-from ttt_meta.cli import TTTMetaCLI, main as cli_main
+from ttt_meta.cli import TTTMetaCLI, newest_last_checkpoint
+from ttt_meta.cli import main as cli_main
 from ttt_meta.learners import MAMLLearner
 from ttt_meta.learners.base import confidence_interval
 
@@ -104,7 +104,7 @@ def train(config: Path, run: str, args) -> tuple[TTTMetaCLI, dict]:
     """Train the model of `config` within the budget, or with --from-checkpoints load what a previous run left."""
     if args.from_checkpoints:
         cli = build(config, args.override, run)
-        ckpt = check_checkpoint(Path(cli.config.checkpoint.dirpath) / "last.ckpt", cli.model)
+        ckpt = check_checkpoint(newest_last_checkpoint(run), cli.model)
         cli.model.load_state_dict(ckpt["state_dict"])
         return cli, {"train_steps": ckpt["global_step"], "train_seconds": float("nan")}
     steps = args.budget_steps or max(1, int(args.budget_seconds / step_seconds(build(config, args.override, run))))

@@ -9,7 +9,7 @@ training on the fixed test episodes (seeded by ``data.test_seed``: the same epis
     5-way at 1, 2, 5, 10, 15 shots      and      5, 20, 50, 100, 200 ways at 5 shots,
 
 with --context-queries queries per class (5: Omniglot has 20 drawings per class, 15 shots leave 5). A run
-trains in its own checkpoint folder ``checkpoints/context_<core>``; --context-from-checkpoints scores what an
+trains in its own checkpoint folder ``checkpoints/context_<core>/version_N``; --context-from-checkpoints scores what an
 earlier run left there. Writes results/context_scaling.{json,md,png}.
 """
 
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from compare import train
+
 from ttt_meta.data.datamodule import FixedEpisodes
 from ttt_meta.data.episodes import EpisodeSpec
 from ttt_meta.learners.base import confidence_interval

@@ -2,8 +2,8 @@
 
     python scripts/report.py logs/ttt_linear_5w1s logs/maml_5w1s --out results/report
 
-A run folder is ``logs/<run_name>`` (all its ``version_*`` folders: training curves from those with events,
-the test accuracy from the newest ``test_results.json``) or a single ``version_*`` folder. Writes
+A run is a version folder ``logs/<run_name>/version_N`` (one fit and its resumes), or ``logs/<run_name>`` for its
+newest fit; its test accuracy is the newest ``test_results.json`` that scored a checkpoint of that fit. Writes
 ``<out>/report.md``, ``<out>/curves.png`` (validation accuracy and training loss against step, runs overlaid)
 and ``<out>/accuracy.png`` (test accuracy with its 95% interval, else the best validation accuracy).
 """
@@ -17,27 +17,53 @@ from pathlib import Path
 CURVES = ("val/acc", "train/loss_step")
 
 
-def read_run(folder: Path) -> dict:
-    """{"name", "curves": {tag: [(step, value)]}, "test": test_results.json or None} of one run folder."""
+def _curves(version: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    curves = {tag: {} for tag in CURVES}
+    for events in sorted(version.glob("events.out.tfevents.*")):  # a resumed run adds a file per resume
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in CURVES:
+            if tag in acc.Tags()["scalars"]:
+                curves[tag].update({e.step: e.value for e in acc.Scalars(tag)})
+    return curves
+
+
+def _version_number(folder: Path) -> int:
+    return int(folder.name.removeprefix("version_")) if folder.name.removeprefix("version_").isdigit() else -1
+
+
+def read_run(folder: Path) -> dict:
+    """{"name", "curves": {tag: [(step, value)]}, "test": test_results.json or None} of one run.
+
+    `folder` is a version folder ``logs/<run_name>/version_N`` (one fit, with resumes), or ``logs/<run_name>``,
+    which means its newest version with training curves. The test result is the version's own
+    ``test_results.json``, else the newest one of the run name that scored a checkpoint of that version.
+    """
     if not folder.is_dir():
-        raise FileNotFoundError(f"run folder {folder} does not exist; runs log under logs/<run_name>")
-    versions = sorted(folder.glob("version_*"), key=lambda p: p.stat().st_mtime) or [folder]
-    curves, test = {tag: {} for tag in CURVES}, None
-    for version in versions:
-        for events in sorted(version.glob("events.out.tfevents.*")):
-            acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-            acc.Reload()
-            for tag in CURVES:
-                if tag in acc.Tags()["scalars"]:
-                    curves[tag].update({e.step: e.value for e in acc.Scalars(tag)})
-        if (version / "test_results.json").is_file():
-            test = json.loads((version / "test_results.json").read_text())
+        raise FileNotFoundError(f"run folder {folder} does not exist; runs log under logs/<run_name>/version_N")
+    if folder.name.startswith("version_"):
+        version, siblings = folder, sorted(folder.parent.glob("version_*"), key=_version_number)
+        curves = _curves(version)
+    else:
+        siblings = sorted(folder.glob("version_*"), key=_version_number)
+        fits = [(v, c) for v in siblings for c in [_curves(v)] if any(c.values())]
+        version, curves = fits[-1] if fits else (None, {tag: {} for tag in CURVES})
+    test = None
+    for candidate in siblings:
+        path = candidate / "test_results.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            scored = Path(str(result.get("ckpt_path") or "")).parent
+            if candidate == version or (version is not None and scored.name == version.name
+                                        and scored.parent.name == version.parent.name):
+                test = result
     if not any(curves.values()) and test is None:
         raise FileNotFoundError(f"{folder} holds no TensorBoard events and no test_results.json: not a run folder")
-    name = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("version_") else folder.name
-    return {"name": name, "curves": {t: sorted(c.items()) for t, c in curves.items()}, "test": test}
+    shown = version or folder
+    return {"name": f"{shown.parent.name}/{shown.name}", "curves": {t: sorted(c.items()) for t, c in curves.items()},
+            "test": test}
 
 
 def summary(runs: list[dict]) -> str:

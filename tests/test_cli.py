@@ -16,9 +16,9 @@ SMALL = ["--model.init_args.width=32", "--model.init_args.encoder_channels=8", "
 def test_fit_then_test(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", CONFIG, *SMALL])
-    ckpt = tmp_path / "checkpoints" / "quickstart" / "last.ckpt"
+    ckpt = tmp_path / "checkpoints" / "quickstart" / "version_0" / "last.ckpt"
     assert ckpt.is_file()
-    assert any((tmp_path / "checkpoints" / "quickstart").glob("best-*.ckpt"))
+    assert any((tmp_path / "checkpoints" / "quickstart" / "version_0").glob("best-*.ckpt"))
     assert list((tmp_path / "logs" / "quickstart").glob("version_0/events.out.tfevents.*"))
     main(["test", "--config", CONFIG, *SMALL, "--ckpt_path", str(ckpt)])
     reports = list((tmp_path / "logs" / "quickstart").glob("version_*/test_results.json"))

@@ -52,9 +52,9 @@ def test_rotations_are_new_classes():
 def test_spec_errors():
     with pytest.raises(ValueError, match="ways >= 2"):
         EpisodeSpec(1, 1, 1).check(10, 20, "train")
-    with pytest.raises(ValueError, match="lower data.eval_ways"):
+    with pytest.raises(ValueError, match="Lower data.eval_ways"):
         EpisodeSpec(30, 1, 1).check(10, 20, "val")
-    with pytest.raises(ValueError, match="lower data.ways"):
+    with pytest.raises(ValueError, match="Lower data.ways"):
         EpisodeSpec(30, 1, 1).check(10, 20, "train")
     with pytest.raises(ValueError, match="samples per class"):
         EpisodeSpec(5, 10, 15).check(100, 20, "test")
@@ -90,7 +90,7 @@ def test_datamodule_synthetic():
     assert sum(t["query"].shape[0] for t in dm.test_dataloader()) == 9
     with pytest.raises(ValueError, match="dataset"):
         EpisodeDataModule(dataset="imagenet")
-    with pytest.raises(ValueError, match=r"lower data.eval_ways \(unset, they take the training values\)"):
+    with pytest.raises(ValueError, match=r"Lower data.eval_ways \(unset, they take the training values\)"):
         EpisodeDataModule(dataset="synthetic", ways=200).setup("fit")
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICK, TINY, run_cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
-from conftest import QUICK, TINY, run_cli
 from ttt_meta.cli import main
 from ttt_meta.data.synthetic import make_glyphs
 from ttt_meta.learners import MAMLLearner
@@ -29,7 +29,7 @@ def run(tmp_path_factory) -> Path:
     args = ["--config", QUICK, *TINY, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
             "--inspect.every_n_steps=2", "--inspect.histogram_every_n_steps=2"]
     return run_cli(tmp_path_factory.mktemp("run"), ["fit", *args],
-                   ["test", *args, "--ckpt_path", "checkpoints/quickstart/last.ckpt"])
+                   ["test", *args, "--ckpt_path", "checkpoints/quickstart/version_0/last.ckpt"])
 
 
 def _events(folder: Path) -> dict[str, list]:
@@ -67,7 +67,7 @@ def test_report_reads_runs(run, tmp_path):
 
     table = report.main([str(run / "logs" / "quickstart"), "--out", str(tmp_path)])
     row = table.splitlines()[2].split("|")
-    assert row[1].strip() == "quickstart" and row[2].strip() == "7" and row[6].strip() == "11"
+    assert row[1].strip() == "quickstart/version_0" and row[2].strip() == "7" and row[6].strip() == "11"
     for name in ("report.md", "curves.png", "accuracy.png"):
         assert (tmp_path / name).stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="not a run folder"):
@@ -100,7 +100,7 @@ def _write_folders(root: Path, classes: int, per_class: int, invert: bool) -> No
 
 
 def test_predict_folders(run, tmp_path, capsys):
-    ckpt = str(run / "checkpoints" / "quickstart" / "last.ckpt")
+    ckpt = str(run / "checkpoints" / "quickstart" / "version_0" / "last.ckpt")
     _write_folders(tmp_path, 3, 5, invert=True)  # dark strokes on white, as a scan would be
     out = tmp_path / "pred.csv"
     result = main(["predict", "--ckpt_path", ckpt, "--support", str(tmp_path / "support"),
@@ -112,7 +112,7 @@ def test_predict_folders(run, tmp_path, capsys):
 
 
 def test_predict_errors(run, tmp_path):
-    ckpt = str(run / "checkpoints" / "quickstart" / "last.ckpt")
+    ckpt = str(run / "checkpoints" / "quickstart" / "version_0" / "last.ckpt")
     _write_folders(tmp_path / "six", 6, 3, invert=False)
     with pytest.raises(ValueError, match="at most 5"):
         main(["predict", "--ckpt_path", ckpt, "--support", str(tmp_path / "six" / "support"),

@@ -49,11 +49,12 @@ def test_a_few_steps_lower_the_loss(name):
 
 
 def test_ttt_meta_learns_unseen_classes():
-    """TTT-Linear leaves the chance plateau: after 200 steps, loss on episodes of unseen classes well below ln 2.
-    (Seed-dependent at this tiny size: seed 1 still sits at chance after 200 steps; seeds 0 and 2 do not.)"""
+    """TTT-Linear leaves the chance plateau: after 400 steps, loss on episodes of unseen classes well below ln 2.
+    (When it leaves the plateau depends on the seed and on the machine's kernels at this tiny size: after 200
+    steps, seed 0 was still at 0.93 ln 2 in a fresh environment with torch 2.14.1, and at 0.52 ln 2 after 400.)"""
     torch.manual_seed(0)
     model = make("ttt_linear")
-    train(model, episodes(EpisodeSpec(2, 1, 4), 8), 200)
+    train(model, episodes(EpisodeSpec(2, 1, 4), 8), 400)
     unseen = next(iter(TrainEpisodes(make_glyphs(30, seed=9), EpisodeSpec(2, 1, 4), 64, 1, False, seed=1)))
     model.eval()
     with torch.inference_mode():

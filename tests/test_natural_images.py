@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA, run_cli
 from PIL import Image
 
-from conftest import DATA, run_cli
 from ttt_meta.cli import main
 from ttt_meta.data import augment as augment_module
 from ttt_meta.data import images
@@ -400,6 +400,6 @@ def test_fit_and_test_on_fixtures(tmp_path, config, extra):
     common = ["--config", str(CONFIGS / config), f"--data.root={root}", f"--data.cache_dir={tmp_path / 'cache'}",
               *FEW, *extra]
     run_cli(tmp_path, ["fit", *common, "--trainer.max_steps=2"],
-            ["test", *common, "--ckpt_path", f"checkpoints/{name}/last.ckpt"])
+            ["test", *common, "--ckpt_path", f"checkpoints/{name}/version_0/last.ckpt"])
     report = next((tmp_path / "logs" / name).glob("version_*/test_results.json"))
     assert '"episodes": 6' in report.read_text()

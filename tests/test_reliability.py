@@ -9,8 +9,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import DATA, QUICK, TINY, run_cli
+
 from ttt_meta.cli import main
 from ttt_meta.learners import SequenceMetaLearner
 
@@ -48,10 +48,10 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     killed.trainer.callbacks.append(InterruptAt(7))
     with pytest.raises(Interrupt):
         killed.trainer.fit(killed.model, killed.datamodule)
-    last = tmp_path / "killed" / "checkpoints" / "quickstart" / "last.ckpt"
+    last = tmp_path / "killed" / "checkpoints" / "quickstart" / "version_0" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 6
     resumed = main(args + ["--ckpt_path", str(last)])
-    a, b = _weights(tmp_path / "whole" / "checkpoints" / "quickstart" / "last.ckpt"), _weights(last)
+    a, b = _weights(tmp_path / "whole" / "checkpoints" / "quickstart" / "version_0" / "last.ckpt"), _weights(last)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.trainer.global_step == whole.trainer.global_step == 10
@@ -85,7 +85,7 @@ def test_ddp_two_processes(tmp_path, config):
     args = [sys.executable, "-m", "ttt_meta", "{}", "--config", str(CONFIGS / config), *extra,
             "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--run_name=ddp"]
     env = {**os.environ, "TTT_META_THREADS": "1"}
-    for sub in (["fit", "--trainer.max_steps=2"], ["test", "--ckpt_path", "checkpoints/ddp/last.ckpt"]):
+    for sub in (["fit", "--trainer.max_steps=2"], ["test", "--ckpt_path", "checkpoints/ddp/version_0/last.ckpt"]):
         cmd = [a.format(sub[0]) for a in args] + sub[1:]
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -107,7 +107,7 @@ BAD_CONFIGS = [
     (["--model.init_args.eta_base=-1"], "eta_base must be >= 0"),
     (["--model.init_args.image_size=8", "--data.image_size=8"], "too small"),
     (["--model.init_args.core=gru"], "unknown core"),
-    (["--data.dataset=cifar"], "data.dataset must be one of"),
+    (["--data.dataset=cifar"], "unknown data.dataset"),
     (["--data.ways=10"], "model.max_ways is 5"),
 ]
 
@@ -132,7 +132,7 @@ def test_unknown_key(tmp_path, monkeypatch, capsys):
 def trained(tmp_path_factory) -> Path:
     """last.ckpt of a 2-step quickstart run."""
     path = run_cli(tmp_path_factory.mktemp("trained"), ["fit", "--config", QUICK, *TINY, "--trainer.max_steps=2"])
-    return path / "checkpoints" / "quickstart" / "last.ckpt"
+    return path / "checkpoints" / "quickstart" / "version_0" / "last.ckpt"
 
 
 def test_bad_checkpoints(tmp_path, monkeypatch, trained):
@@ -167,7 +167,7 @@ def test_nan_loss_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(SequenceMetaLearner, "_step", step)
     with pytest.raises(FloatingPointError, match="at step 3"):
         main(["fit", "--config", QUICK, *TINY, "--trainer.max_steps=10", "--last_checkpoint.every_n_steps=2"])
-    last = torch.load(tmp_path / "checkpoints" / "quickstart" / "last.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "checkpoints" / "quickstart" / "version_0" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 

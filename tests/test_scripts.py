@@ -42,7 +42,7 @@ def test_bench_context_tiny(tmp_path, monkeypatch):
     grid = [(5, 1), (5, 3), (5, 5), (8, 5)]
     assert [(r["model"], r["ways"], r["shots"]) for r in rows] == [(m, *g) for m in ("ttt_linear", "lstm") for g in grid]
     assert all(r["episodes"] == 3 and 0 <= r["acc"] <= 1 and r["train_steps"] == 2 for r in rows)
-    ckpt = torch.load(tmp_path / "checkpoints" / "context_ttt_linear" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "context_ttt_linear" / "version_0" / "last.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["max_ways"] == 8 and ckpt["datamodule_hyper_parameters"]["label_space"] == 8
     again = bench.main([*common, "--context-from-checkpoints"])["context"]
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]  # the same fixed episodes, the same weights

@@ -4,22 +4,28 @@
   over the target, so a kill never leaves a truncated file in place of a good one. (Lightning's own writer
   stages the file in the system's temporary folder and moves it, which is a copy, not a rename, when that
   folder is another file system.)
-- ``LastCheckpoint``: ``<dirpath>/last.ckpt`` every N optimiser steps and at the end. A checkpoint holds the
-  weights, optimiser, scheduler, loop progress and the data module's position in the episode stream, so
-  ``fit --ckpt_path checkpoints/<run>/last.ckpt`` continues exactly where the run stopped.
+- ``LastCheckpoint``: ``<dirpath>/last.ckpt`` every N optimiser steps, at the end, and when SIGINT or SIGTERM
+  stops the run. A checkpoint holds the weights, optimiser, scheduler, loop progress and the data module's
+  position in the episode stream, so ``fit --ckpt_path checkpoints/<run>/version_N/last.ckpt`` continues exactly
+  where the run stopped.
 - ``read_checkpoint`` / ``check_checkpoint``: a missing, damaged or mismatched checkpoint named as such.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .errors import MissingInput, UserError
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
@@ -48,24 +54,58 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(L.Callback):
-    """Save ``dirpath/last.ckpt`` every `every_n_steps` optimiser steps and when training ends.
+    """Save ``dirpath/last.ckpt`` every `every_n_steps` optimiser steps, when training ends, and when a signal
+    stops it.
+
+    Stops use Lightning's signal connector: during training, SIGINT (Ctrl-C) is routed to Lightning's SIGTERM
+    handler, which sets ``trainer.received_sigterm``; Lightning then raises ``SIGTERMException`` between two
+    training batches (or at the next validation batch), and ``on_exception`` saves ``last.ckpt`` at that step
+    and notes ``(path, step, signal)`` on the exception as ``saved``, for the CLI to print the resume command
+    and exit non-zero. A second Ctrl-C stops at once, without saving.
 
     Args:
-        dirpath: folder of the checkpoint (the CLI sets ``checkpoints/<run_name>``).
+        dirpath: folder of the checkpoint (the CLI sets ``checkpoints/<run_name>/version_N``).
         every_n_steps: at most this many steps are lost when the run is killed.
     """
 
     def __init__(self, dirpath: str | None = None, every_n_steps: int = 100):
         if every_n_steps < 1:
-            raise ValueError(f"last_checkpoint.every_n_steps must be >= 1, got {every_n_steps}")
+            raise UserError(f"last_checkpoint.every_n_steps must be >= 1, got {every_n_steps}. Set it to 1 or more")
         self.dirpath, self.every_n_steps = dirpath, every_n_steps
         self._saved_step = -1
+        self.stop_signal: int | None = None
+        self._sigint_handler = None  # the SIGINT handler to restore after training
 
     def _save(self, trainer: L.Trainer) -> None:
         if self.dirpath is None or trainer.global_step == self._saved_step or trainer.sanity_checking:
             return
-        trainer.save_checkpoint(str(Path(self.dirpath) / "last.ckpt"))
+        trainer.save_checkpoint(str(Path(self.dirpath) / "last.ckpt"), weights_only=False)
         self._saved_step = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        lightning = signal.getsignal(signal.SIGTERM)  # installed by Lightning's signal connector before this hook
+        if threading.current_thread() is not threading.main_thread() or not callable(lightning):
+            return
+
+        def note(signum, frame) -> None:
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C
+            self.stop_signal = self.stop_signal or signum
+            lightning(signum, frame)
+
+        self._sigint_handler = signal.signal(signal.SIGINT, note)
+        signal.signal(signal.SIGTERM, note)  # Lightning's teardown restores the SIGTERM handler it replaced
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._sigint_handler is not None:
+            signal.signal(signal.SIGINT, self._sigint_handler)
+            self._sigint_handler = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self._save(trainer)
+            path = Path(self.dirpath) / "last.ckpt" if self._saved_step == trainer.global_step else None
+            exception.saved = (path, trainer.global_step, self.stop_signal or signal.SIGTERM)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
@@ -79,15 +119,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint at `path`, or a clear error when it is missing, unreadable or not a checkpoint of this app."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; runs write theirs under checkpoints/<run_name>/ "
-                                f"(last.ckpt, best-*.ckpt): pass one of those to --ckpt_path")
+        raise MissingInput(f"checkpoint {path} does not exist. Pass a checkpoint that a run wrote "
+                           f"(checkpoints/<run_name>/version_N/last.ckpt or best-*.ckpt), or --ckpt_path last")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for damaged files
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); the file is damaged "
-                         f"or not a checkpoint: use another one (e.g. best-*.ckpt beside it) or train again") from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); the file is damaged "
+                         f"or not a checkpoint. Use another one (e.g. best-*.ckpt beside it) or train again") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"checkpoint {path} holds no 'state_dict': it is not a Lightning checkpoint of this app")
+        raise UserError(f"checkpoint {path} holds no 'state_dict': it is not a Lightning checkpoint of this app. "
+                        f"Pass a checkpoint written by `python -m ttt_meta fit`")
     return ckpt
 
 
@@ -107,7 +148,7 @@ def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module) -> dict:
         ours_class = type(model).__name__
         what = (f"a {theirs_class} of another shape than the configured one" if theirs_class == ours_class
                 else f"a {theirs_class}, not the configured {ours_class}")
-        raise ValueError(f"checkpoint {path} holds {what}: {'; '.join(problems)}. Settings that differ: "
+        raise UserError(f"checkpoint {path} holds {what}: {'; '.join(problems)}. Settings that differ: "
                          f"{'; '.join(differ) or 'none recorded'}. Use the config the checkpoint was trained with "
                          f"(its run's config.yaml under logs/) or a checkpoint of this model")
     if differ:

@@ -1,29 +1,125 @@
-"""Command line: ``python -m ttt_meta fit|validate|test --config FILE`` (LightningCLI).
+"""Command line: ``python -m ttt_meta fit|validate|test|predict`` (LightningCLI, and ``ttt_meta.predict``).
 
-Defaults: TensorBoard runs under ``logs/<run_name>/``, checkpoints under ``checkpoints/<run_name>/`` (the best
-by validation accuracy, and ``last.ckpt`` every ``last_checkpoint.every_n_steps`` steps), a fixed seed.
-``run_name`` defaults to the config file's name. ``test`` writes ``test_results.json`` (mean accuracy and 95%
-interval) into the run's log folder. Before anything runs or is written, the data, the episodes and any
-``--ckpt_path`` are checked against the model, with errors that say what to change.
+Every run of a name (``run_name``, default the config file's name) gets its own version N: TensorBoard logs in
+``logs/<run_name>/version_N/`` and checkpoints in ``checkpoints/<run_name>/version_N/`` (the best by validation
+accuracy, and ``last.ckpt`` every ``last_checkpoint.every_n_steps`` steps), so a second run never touches the
+first one's files. ``--ckpt_path last`` means the newest ``last.ckpt`` of the run name; ``fit`` from a checkpoint
+of ``checkpoints/<run_name>/version_N/`` continues version N (its logs too). ``test`` writes
+``test_results.json`` (mean accuracy and 95% interval) into its log folder. Before anything runs or is written,
+the data, the episodes and any ``--ckpt_path`` are checked against the model. A user's mistake ends as one line,
+``error: ...``, with exit status 2 (``TTT_META_DEBUG=1`` shows the traceback); SIGINT or SIGTERM during ``fit``
+saves ``last.ckpt`` and prints the command that resumes it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_checkpoint
+from .checkpointing import LastCheckpoint, check_checkpoint
 from .data.datamodule import EpisodeDataModule
+from .errors import MissingInput, UserError
 from .inspection import ConfigLogger, InnerLoopMonitor
 from .learners import EpisodicLearner
+from .quiet import silence_library_notices
+
+PROGRAM = "python -m ttt_meta"
+HELP = f"""usage: {PROGRAM} {{fit,validate,test,predict}} [--config FILE] [options]
+
+ttt_meta: few-shot meta-learning with Test-Time Training layers (a whole episode is one sequence), on Lightning.
+
+subcommands:
+  fit        train a model on episodes: {PROGRAM} fit --config configs/quickstart.yaml
+  validate   score a checkpoint on the fixed validation episodes (--config FILE --ckpt_path CKPT)
+  test       score a checkpoint on the fixed test episodes: accuracy with its 95% interval (--ckpt_path CKPT)
+  predict    classify your own images with a checkpoint (--ckpt_path CKPT --support DIR --query DIR)
+
+'{PROGRAM} SUBCOMMAND --help' lists a subcommand's options; '--print_config' shows a resolved config.
+Runs write logs/<run_name>/version_N/ (TensorBoard: tensorboard --logdir logs) and checkpoints/<run_name>/version_N/.
+"""
+LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")  # --ckpt_path values that Lightning resolves itself
+
+
+def _versions(folder: Path) -> dict[int, Path]:
+    """{N: folder/version_N} of the version folders in `folder`."""
+    found = (re.fullmatch(r"version_(\d+)", p.name) for p in folder.glob("version_*") if p.is_dir())
+    return {int(m.group(1)): folder / m.group(0) for m in found if m}
+
+
+def newest_last_checkpoint(run_name: str) -> Path:
+    """``checkpoints/<run_name>/version_N/last.ckpt`` of the largest N that has one (what ``--ckpt_path last``
+    means)."""
+    saved = {n: f / "last.ckpt" for n, f in _versions(Path("checkpoints") / run_name).items()
+             if (f / "last.ckpt").is_file()}
+    if not saved:
+        raise MissingInput(f"found no last.ckpt of the run {run_name!r} under checkpoints/{run_name}/. Train it "
+                           f"first, pass the --run_name of another run, or give a checkpoint file")
+    return saved[max(saved)]
+
+
+def _relative(path: str | Path) -> str:
+    """`path` relative to the working folder when it lies inside it (for commands a user copies)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _without_ckpt_path(args: list[str]) -> list[str]:
+    """`args` less any ``--ckpt_path X`` / ``--ckpt_path=X``."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            out.append(arg)
+    return out
+
+
+def _sentence(message: str) -> str:
+    message = message.strip()
+    return message if message.endswith((".", "!", "?")) else message + "."
+
+
+def _debug() -> bool:
+    return os.environ.get("TTT_META_DEBUG", "") not in ("", "0")
+
+
+class ArgumentParser(LightningArgumentParser):
+    """A parse error (unknown option, wrong type) as one paragraph, ``error: ...``, and exit status 2."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or _debug():
+            return super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        print(f"error: {_sentence(message)} Run '{prog} --help' for the options.", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class TTTMetaCLI(LightningCLI):
+    """LightningCLI with run names and versions, checks before anything is written, and a summary after fit.
+
+    Args:
+        command_args: the subcommand's arguments as the user gave them (for the commands printed after a fit).
+    """
+
+    def __init__(self, *args, command_args: list[str] = (), **kwargs):
+        self.command_args = list(command_args)
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """fit, validate, test; ``predict`` is this app's own (``ttt_meta.predict``), not Trainer.predict."""
@@ -45,30 +141,48 @@ class TTTMetaCLI(LightningCLI):
         the checkpoint against the model once it is built."""
 
     def before_instantiate_classes(self) -> None:
+        """Name the run, resolve ``--ckpt_path last``, and pick its version N (a new one, or the resumed one)."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         configs = [Path(str(c)) for c in (cfg.get("config") or [])]
         name = cfg.run_name or (configs[-1].stem if configs else "run")
         cfg.run_name = name
+        logs, checkpoints = Path("logs") / name, Path("checkpoints") / name
+        if cfg.get("ckpt_path") == "last":
+            cfg.ckpt_path = str(newest_last_checkpoint(name))
+        version = None
+        if self.subcommand == "fit":
+            foreign = sorted(p.name for p in checkpoints.iterdir()
+                             if not re.fullmatch(r"version_\d+", p.name)) if checkpoints.is_dir() else []
+            if foreign and cfg.checkpoint.dirpath is None:
+                raise UserError(f"{checkpoints}/ holds files that no run wrote ({', '.join(foreign[:3])}): runs only "
+                                f"add version_N folders there. Pass another --run_name (or move those files)")
+            if cfg.get("ckpt_path"):  # resuming a checkpoint of this run name continues its version
+                match = re.fullmatch(r"version_(\d+)", Path(cfg.ckpt_path).resolve().parent.name)
+                if match and Path(cfg.ckpt_path).resolve().parent.parent == checkpoints.resolve():
+                    version = int(match.group(1))
+        if version is None:
+            version = 1 + max([*_versions(logs), *_versions(checkpoints)], default=-1)
         if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = str(Path("checkpoints") / name)
+            cfg.checkpoint.dirpath = str(checkpoints / f"version_{version}")
         if cfg.last_checkpoint.dirpath is None:
             cfg.last_checkpoint.dirpath = cfg.checkpoint.dirpath
         if cfg.trainer.logger is None or cfg.trainer.logger is True:
             cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                  "init_args": {"save_dir": "logs", "name": name, "default_hp_metric": False}}
+                                  "init_args": {"save_dir": "logs", "name": name, "version": version,
+                                                "default_hp_metric": False}}
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except ValueError as error:  # jsonargparse buries a class's own message in a list of union subtypes
-            if isinstance(error.__cause__, ValueError):
+            if isinstance(error.__cause__, UserError):
                 raise error.__cause__ from None
             raise
 
     def _check_inputs(self, stage: str) -> None:
         """Data, episodes, model and checkpoint checked before the trainer runs or writes anything."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path not in (None, "last", "best", "hpc", "registry"):  # a file, not one of Lightning's names
+        if ckpt_path is not None and ckpt_path not in LIGHTNING_CKPT_NAMES:
             check_checkpoint(ckpt_path, self.model)
         self.datamodule.prepare_data()
         self.datamodule.setup(stage)
@@ -83,21 +197,75 @@ class TTTMetaCLI(LightningCLI):
     def before_test(self) -> None:
         self._check_inputs("test")
 
+    def after_fit(self) -> None:
+        """What the run left and what to do next: best and last checkpoints, the test command, TensorBoard."""
+        if not self.trainer.is_global_zero:
+            return
+        best = self.trainer.checkpoint_callback
+        last = Path(self.config.fit.last_checkpoint.dirpath) / "last.ckpt"
+        args = _without_ckpt_path(self.command_args)
+        lines = ["", f"run {self.config.fit.run_name}, version {self.trainer.logger.version}, "
+                     f"step {self.trainer.global_step}:"]
+        if best is not None and best.best_model_path:
+            lines.append(f"  best validation accuracy {100 * float(best.best_model_score):.2f}%: "
+                         f"{_relative(best.best_model_path)}")
+        if last.is_file():
+            lines.append(f"  last checkpoint: {_relative(last)}")
+        target = best.best_model_path if best is not None and best.best_model_path else last
+        lines += [f"  test it:      {PROGRAM} test {shlex.join([*args, '--ckpt_path', _relative(target)])}",
+                  "  TensorBoard:  tensorboard --logdir logs"]
+        print("\n".join(lines))
+
 
 def main(args: list[str] | None = None, run: bool = True):
     """Parse `args` (default: the command line) and run the subcommand; with run=False, `args` hold no
     subcommand and the model, data module and trainer are only built (``cli.model``, ``cli.datamodule``, ...).
-    ``predict`` goes to ``ttt_meta.predict.main``."""
+    ``predict`` goes to ``ttt_meta.predict.main``. A signal during ``fit`` exits with status 128 + its number
+    after saving last.ckpt."""
     torch.set_num_threads(int(os.environ.get("TTT_META_THREADS", os.cpu_count() or 1)))
-    argv = sys.argv[1:] if args is None else args
-    if run and argv[:1] == ["predict"]:
+    silence_library_notices()
+    argv = sys.argv[1:] if args is None else list(args)
+    if run and (not argv or argv[0] in ("-h", "--help")):
+        print(HELP, end="", file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    if run and argv[0] == "predict":
         from .predict import main as predict
 
         return predict(argv[1:])
-    return TTTMetaCLI(
-        EpisodicLearner, EpisodeDataModule, subclass_mode_model=True, seed_everything_default=0,
-        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")], "max_epochs": 20,
-                          "gradient_clip_val": 1.0, "log_every_n_steps": 25,
-                          "use_distributed_sampler": False,  # the data module shards episodes by rank itself
-                          "plugins": [AtomicCheckpointIO()]},
-        save_config_callback=ConfigLogger, save_config_kwargs={"overwrite": True}, args=args, run=run, auto_configure_optimizers=False)
+    parser_kwargs = {"prog": PROGRAM, "description": HELP.split("\n")[2]}
+    if run:
+        parser_kwargs.update({sub: {"prog": f"{PROGRAM} {sub}"} for sub in TTTMetaCLI.subcommands()})
+    try:
+        return TTTMetaCLI(
+            EpisodicLearner, EpisodeDataModule, subclass_mode_model=True, seed_everything_default=0,
+            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")], "max_epochs": 20,
+                              "gradient_clip_val": 1.0, "log_every_n_steps": 25,
+                              "use_distributed_sampler": False,  # the data module shards episodes by rank itself
+                              "plugins": {"class_path": "ttt_meta.checkpointing.AtomicCheckpointIO"}},
+            save_config_callback=ConfigLogger, save_config_kwargs={"overwrite": True}, parser_class=ArgumentParser,
+            parser_kwargs=parser_kwargs,
+            args=args, run=run, auto_configure_optimizers=False, command_args=argv[1:] if run else argv)
+    except SIGTERMException as stop:  # SIGTERM or SIGINT in fit: LastCheckpoint saved and noted it
+        if not hasattr(stop, "saved"):
+            raise
+        path, step, signum = stop.saved
+        if rank_zero_only.rank == 0 and path is None:
+            print(f"\nstopped by {signal.Signals(signum).name} before the first training step: nothing to resume",
+                  file=sys.stderr)
+        elif rank_zero_only.rank == 0:
+            print(f"\nstopped by {signal.Signals(signum).name} at step {step}; saved {_relative(path)}. Resume with:\n"
+                  f"  {PROGRAM} fit {shlex.join([*_without_ckpt_path(argv[1:]), '--ckpt_path', _relative(path)])}",
+                  file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+
+
+def command_line() -> None:
+    """``python -m ttt_meta``: a UserError ends as ``error: <message>`` on stderr with exit status 2 and no
+    traceback (unless TTT_META_DEBUG=1); any other exception keeps its traceback."""
+    try:
+        main()
+    except UserError as error:
+        if _debug():
+            raise
+        print(f"error: {_sentence(str(error))}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -9,7 +9,8 @@ Tags (``<layer>`` is e.g. ``blocks.0.core``):
     params/<name>                                   histograms: W0 (W1, W2), eta_gate, theta_kv/q/o weights
     val/episode                                     figure: one validation episode, predictions, wrong ones red
     ttt/inner_loss_along_supports                   figure: per support token, loss under W0 and final state
-    hp/val_acc, hp/test_acc                         the HPARAMS tab's metrics (last validation, test)
+    hp/val_acc, hp/test_acc                         the HPARAMS tab's metrics (last validation, test; absent
+                                                    until logged)
     config                                          text: the resolved config
 """
 
@@ -19,6 +20,9 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard.summary import hparams
+
+from .errors import UserError
 
 HISTOGRAMS = ("W0", "W1", "W2", "eta_gate.weight", "theta_kv.weight", "theta_q.weight", "theta_o.weight")
 
@@ -38,7 +42,8 @@ class InnerLoopMonitor(L.Callback):
 
     def __init__(self, every_n_steps: int = 50, histogram_every_n_steps: int = 500, figures: bool = True):
         if every_n_steps < 1 or histogram_every_n_steps < 1:
-            raise ValueError("inspect.every_n_steps and inspect.histogram_every_n_steps must be >= 1")
+            raise UserError("inspect.every_n_steps and inspect.histogram_every_n_steps must be >= 1. Set them to 1 "
+                            "or more")
         self.every_n_steps, self.histogram_every_n_steps, self.figures = every_n_steps, histogram_every_n_steps, figures
         self._recording, self._episode = False, None
 
@@ -162,5 +167,8 @@ class ConfigLogger(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(flat, metrics={"hp/val_acc": 0.0, "hp/test_acc": 0.0})
+                # the HPARAMS tab's metrics are declared here and get values only when a validation or a test
+                # logs them (Lightning's log_hyperparams would also log them as 0 at step 0)
+                for summary in hparams(flat, {"hp/val_acc": float("nan"), "hp/test_acc": float("nan")}):
+                    logger.experiment.file_writer.add_summary(summary)
                 logger.experiment.add_text("config", "    " + text.replace("\n", "\n    "))

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .checkpointing import read_checkpoint
+from .errors import MissingInput, UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -31,7 +32,7 @@ def load_model(path: str | Path) -> torch.nn.Module:
     class_path = hp.pop("_class_path", None)
     hp.pop("_instantiator", None)
     if class_path is None:
-        raise ValueError(f"checkpoint {path} does not record its model class: use a checkpoint written by "
+        raise UserError(f"checkpoint {path} does not record its model class: use a checkpoint written by "
                          f"`python -m ttt_meta fit` (checkpoints/<run_name>/*.ckpt)")
     module, name = class_path.rsplit(".", 1)
     model = getattr(importlib.import_module(module), name)(**hp)
@@ -42,7 +43,8 @@ def load_model(path: str | Path) -> torch.nn.Module:
 def image_files(folder: Path, what: str) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{what} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserError(f"{what} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). Add "
+                        f"images to it or remove it")
     return files
 
 
@@ -52,7 +54,7 @@ def read_image(path: Path, channels: int, size: int) -> torch.Tensor:
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.LANCZOS)
     except Exception as error:  # PIL raises several types for unreadable files
-        raise ValueError(f"cannot read image {path} ({type(error).__name__}: {error}); remove it or save it as "
+        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); remove it or save it as "
                          f"PNG or JPEG") from None
     array = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
     if channels == 1 and array.mean() > 127:  # dark strokes on a light ground: invert, as Omniglot was
@@ -63,28 +65,31 @@ def read_image(path: Path, channels: int, size: int) -> torch.Tensor:
 def check_ways(model, ways: int) -> None:
     hp = model.hparams
     if "max_ways" in hp and ways > hp["max_ways"]:
-        raise ValueError(f"--support has {ways} classes but this model was trained for at most {hp['max_ways']}; "
-                         f"use at most {hp['max_ways']} class folders")
+        raise UserError(f"--support has {ways} classes but this model was trained for at most {hp['max_ways']}. "
+                        f"Use at most {hp['max_ways']} class folders")
     if "max_ways" not in hp and "ways" in hp and ways != hp["ways"]:
-        raise ValueError(f"--support has {ways} classes but this model's head has exactly {hp['ways']} (MAML); "
-                         f"use {hp['ways']} class folders")
+        raise UserError(f"--support has {ways} classes but this model's head has exactly {hp['ways']} (MAML). "
+                        f"Use {hp['ways']} class folders")
 
 
 def episode(model, support: Path, query: Path) -> tuple[dict, list[str], list[Path], list]:
     """(batch of one episode in `model`'s input format, class names, query files, true class index per query or
     None)."""
     if not support.is_dir() or not query.is_dir():
-        raise FileNotFoundError(f"--support {support} and --query {query} must be folders")
+        raise MissingInput(f"--support {support} and --query {query} must both be folders. Pass the folders of "
+                           f"your class sub-folders (--support) and of your query images (--query)")
     classes = sorted(p.name for p in support.iterdir() if p.is_dir())
     if len(classes) < 2:
-        raise ValueError(f"--support {support} needs one sub-folder per class, at least 2; found {len(classes)}")
+        raise UserError(f"--support {support} needs one sub-folder per class, at least 2; found {len(classes)}. "
+                        f"Put each class's images in a sub-folder named after the class")
     check_ways(model, len(classes))  # before any image is read
     shots = [(path, c) for c, name in enumerate(classes) for path in image_files(support / name, "support class")]
     sub = sorted(p for p in query.iterdir() if p.is_dir())
     if sub:
         unknown = [p.name for p in sub if p.name not in classes]
         if unknown:
-            raise ValueError(f"query sub-folders {unknown} name no support class (support classes: {classes})")
+            raise UserError(f"query sub-folders {unknown} name no support class (support classes: {classes}). "
+                            f"Rename them after support classes, or put the query images directly in --query")
         queries = [(path, classes.index(p.name)) for p in sub for path in image_files(p, "query")]
     else:
         queries = [(path, None) for path in image_files(query, "query")]

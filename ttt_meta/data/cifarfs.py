@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import MissingInput, UserError
+from ..quiet import learn2learn
 from . import images
 from .episodes import ClassImages
 
@@ -33,7 +35,7 @@ def load_cifarfs(root: str | os.PathLike, download: bool = False, cache_dir: str
     processed, raw = folder / "processed", folder / "cifar100"
     if not processed.is_dir() and not raw.is_dir():
         if not download:
-            raise FileNotFoundError(f"CIFAR-FS not found in {folder}: put there {_LAYOUT}; or set data.download: "
+            raise MissingInput(f"CIFAR-FS not found in {folder}: put there {_LAYOUT}; or set data.download: "
                                     f"true to fetch it with learn2learn")
         _download(Path(root))
     if processed.is_dir():
@@ -45,7 +47,7 @@ def load_cifarfs(root: str | os.PathLike, download: bool = False, cache_dir: str
     for split, dirs in class_dirs.items():
         missing = [d for d in dirs if not d.is_dir()]
         if not dirs or missing:
-            raise FileNotFoundError(f"the CIFAR-FS {split} split under {folder} is incomplete "
+            raise MissingInput(f"the CIFAR-FS {split} split under {folder} is incomplete "
                                     f"({'missing ' + str(missing[0]) if missing else 'no classes'}): {_REPAIR}")
     files = {split: {d.name: sorted(str(p) for p in d.glob("*.png")) for d in sorted(dirs)}
              for split, dirs in class_dirs.items()}
@@ -54,11 +56,12 @@ def load_cifarfs(root: str | os.PathLike, download: bool = False, cache_dir: str
 
 def _split_file(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"the CIFAR-FS split file {path} is missing: {_REPAIR}")
+        raise MissingInput(f"the CIFAR-FS split file {path} is missing: {_REPAIR}")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def _download(root: Path) -> None:
+    learn2learn()  # imported quietly first
     from learn2learn.vision.datasets import CIFARFS
 
     root.mkdir(parents=True, exist_ok=True)
@@ -66,5 +69,5 @@ def _download(root: Path) -> None:
         for mode in ("train", "validation", "test"):
             CIFARFS(str(root), mode=mode, download=True)  # downloads once, then writes processed/
     except Exception as error:  # network errors, a partial archive
-        raise RuntimeError(f"downloading CIFAR-FS into {root / 'cifarfs'} with learn2learn failed "
+        raise UserError(f"downloading CIFAR-FS into {root / 'cifarfs'} with learn2learn failed "
                            f"({type(error).__name__}: {error}); fetch it by hand: {_LAYOUT}") from None

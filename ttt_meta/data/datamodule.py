@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ..errors import UserError
 from .augment import augment
 from .episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
 
 # name -> (native image size, 90-degree rotations as new training classes by default)
 DATASETS = {"omniglot": (28, True), "synthetic": (28, True), "miniimagenet": (84, False), "cifarfs": (32, False)}
-# Lightning warns that a mid-epoch resume repeats batches unless the loader itself is stateful; ours resumes
-# through the data module's state (state_dict below), so the warning does not apply.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -120,7 +117,7 @@ class EpisodeDataModule(L.LightningDataModule):
                  test_seed: int = 2, num_workers: int = 0):
         super().__init__()
         if dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
+            raise UserError(f"unknown data.dataset {dataset!r}. Set it to one of {tuple(DATASETS)}")
         native_size, native_rotations = DATASETS[dataset]
         image_size = native_size if image_size is None else image_size
         rotations = native_rotations if rotations is None else rotations
@@ -128,10 +125,10 @@ class EpisodeDataModule(L.LightningDataModule):
                             ("val_episodes", val_episodes), ("test_episodes", test_episodes),
                             ("eval_batch_size", eval_batch_size), ("image_size", image_size)]:
             if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
+                raise UserError(f"data.{name} must be >= 1, got {value}. Set it to 1 or more")
         if label_space is not None and label_space < ways:
-            raise ValueError(f"data.label_space ({label_space}) must be at least data.ways ({ways}): each training "
-                             f"episode needs {ways} distinct label ids")
+            raise UserError(f"data.label_space ({label_space}) must be at least data.ways ({ways}): each training "
+                            f"episode needs {ways} distinct label ids. Raise data.label_space or remove it")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.hparams.update(image_size=image_size, rotations=rotations)  # the data set's defaults, resolved
         self.train_spec = EpisodeSpec(ways, shots, queries)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 ROTATIONS = 4  # 0, 90, 180, 270 degrees: each rotation of a class is a class of its own (training only)
 
 
@@ -42,14 +44,15 @@ class EpisodeSpec:
         prefix = "" if split == "train" else "eval_"  # the options that set this split's episodes
         default = "" if split == "train" else " (unset, they take the training values)"
         if self.ways < 2 or self.shots < 1 or self.queries < 1:
-            raise ValueError(f"{split} episodes need ways >= 2, shots >= 1 and queries >= 1; got ways={self.ways}, "
-                             f"shots={self.shots}, queries={self.queries}")
+            raise UserError(f"{split} episodes need ways >= 2, shots >= 1 and queries >= 1, got ways={self.ways}, "
+                            f"shots={self.shots}, queries={self.queries}. Set data.{prefix}ways, data.{prefix}shots and "
+                            f"data.{prefix}queries to such values")
         if self.ways > num_classes:
-            raise ValueError(f"{self.ways}-way episodes need {self.ways} classes but the {split} split has "
-                             f"{num_classes}; lower data.{prefix}ways{default}")
+            raise UserError(f"{self.ways}-way episodes need {self.ways} classes but the {split} split has "
+                             f"{num_classes}. Lower data.{prefix}ways{default}")
         if self.shots + self.queries > samples_per_class:
-            raise ValueError(f"shots + queries = {self.shots + self.queries} exceeds the {samples_per_class} samples "
-                             f"per class of the {split} split; lower data.{prefix}shots or data.{prefix}queries{default}")
+            raise UserError(f"shots + queries = {self.shots + self.queries} exceeds the {samples_per_class} samples "
+                             f"per class of the {split} split. Lower data.{prefix}shots or data.{prefix}queries{default}")
 
 
 @dataclass(frozen=True)

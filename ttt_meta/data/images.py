@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..checkpointing import save_atomic
+from ..errors import MissingInput, UserError
 from .episodes import ClassImages
 
 
@@ -86,7 +87,7 @@ def _decode(path: str, size: int, mode: str, repair: str) -> np.ndarray:
                 image = image.resize((size, size), Image.Resampling.LANCZOS)
             array = np.asarray(image, dtype=np.uint8)
     except Exception as error:  # PIL raises several types for damaged files
-        raise ValueError(f"cannot decode image {path} ({type(error).__name__}: {error}); the file is damaged: "
+        raise UserError(f"cannot decode image {path} ({type(error).__name__}: {error}); the file is damaged: "
                          f"{repair}") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
@@ -106,8 +107,8 @@ def check_disjoint(names: dict[str, list[str]], where: str) -> None:
     for split, split_names in names.items():
         for name in split_names:
             if name in seen:
-                raise ValueError(f"class {name} is in both the {seen[name]} and the {split} split of {where}; the "
-                                 f"splits must be disjoint")
+                raise UserError(f"class {name} is in both the {seen[name]} and the {split} split of {where}; the "
+                                f"splits must be disjoint. Remove the class from one of them")
             seen[name] = split
 
 
@@ -124,14 +125,14 @@ def load_class_files(files: dict[str, dict[str, list[str]]], image_size: int, mo
     check_disjoint({split: list(by_class) for split, by_class in files.items()}, where)  # before any decoding
     paths = [p for by_class in files.values() for class_files in by_class.values() for p in class_files]
     if not paths:
-        raise ValueError(f"{where} holds no images")
+        raise UserError(f"{where} holds no images. Point data.root at the folder that holds the data set")
     absent = [p for p in paths if not os.path.isfile(p)]
     if absent:
-        raise FileNotFoundError(f"{len(absent)} of the {len(paths)} images of {where} are missing, e.g. {absent[0]}; "
+        raise MissingInput(f"{len(absent)} of the {len(paths)} images of {where} are missing, e.g. {absent[0]}; "
                                 f"the data set is incomplete: {repair}")
     counts = {len(class_files) for by_class in files.values() for class_files in by_class.values()}
     if len(counts) != 1:
-        raise ValueError(f"the classes of {where} have different numbers of images ({sorted(counts)}); every class "
+        raise UserError(f"the classes of {where} have different numbers of images ({sorted(counts)}); every class "
                          f"needs the same number: {repair}")
     per_class = counts.pop()
     names = [f"{split}/{name}" for split, by_class in files.items() for name in by_class]

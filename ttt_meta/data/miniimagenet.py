@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingInput, UserError
+from ..quiet import learn2learn
 from . import images
 from .episodes import ClassImages
 
@@ -59,17 +61,18 @@ def _find(root: Path, download: bool) -> Path:
         if _has_layout(folder):
             return folder
     if not download:
-        raise FileNotFoundError(f"miniImageNet not found in {root / 'miniimagenet'} nor in {root}: put there "
+        raise MissingInput(f"miniImageNet not found in {root / 'miniimagenet'} nor in {root}: put there "
                                 f"{_LAYOUTS}")
     folder = root / "miniimagenet"
     folder.mkdir(parents=True, exist_ok=True)
+    learn2learn()  # imported quietly first
     from learn2learn.vision.datasets import MiniImagenet
 
     for split, mode in (("train", "train"), ("val", "validation"), ("test", "test")):
         try:
             MiniImagenet(str(folder), mode=mode, download=True)
         except Exception as error:  # network errors, or a partial file learn2learn could not unpickle
-            raise RuntimeError(f"downloading miniImageNet ({mode}) into {folder} with learn2learn failed "
+            raise UserError(f"downloading miniImageNet ({mode}) into {folder} with learn2learn failed "
                                f"({type(error).__name__}: {error}); download the files by hand: {_LAYOUTS}") from None
     return folder
 
@@ -89,30 +92,30 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _read_pickle(path: Path, image_size: int) -> ClassImages:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the pickle layout needs all of {sorted(PICKLES.values())}")
+        raise MissingInput(f"{path} is missing: the pickle layout needs all of {sorted(PICKLES.values())}")
     repair = "delete it and load again with data.download: true, or replace it"
     try:
         with open(path, "rb") as file:
             data = _ArrayUnpickler(file).load()
     except Exception as error:  # truncated (EOFError), damaged (UnpicklingError, ...), or unreadable
-        raise ValueError(f"cannot read the miniImageNet pickle {path} ({type(error).__name__}: {error}); the file "
+        raise UserError(f"cannot read the miniImageNet pickle {path} ({type(error).__name__}: {error}); the file "
                          f"is truncated or damaged: {repair}") from None
     pixels = data.get("image_data") if isinstance(data, dict) else None
     classes = data.get("class_dict") if isinstance(data, dict) else None
     shape = getattr(pixels, "shape", None)
     if (getattr(pixels, "dtype", None) != "uint8" or shape is None or len(shape) != 4 or shape[3] != 3
             or not isinstance(classes, dict) or not classes):
-        raise ValueError(f"{path} is not a miniImageNet pickle: expected a dict with image_data (uint8 [N, H, W, 3]) "
+        raise UserError(f"{path} is not a miniImageNet pickle: expected a dict with image_data (uint8 [N, H, W, 3]) "
                          f"and class_dict (class name -> image indices), got "
                          f"{type(data).__name__} with image_data {shape} and class_dict {type(classes).__name__}; "
                          f"{repair}")
     names = sorted(classes)
     counts = {len(classes[name]) for name in names}
     if len(counts) != 1:
-        raise ValueError(f"the classes of {path} have different numbers of images ({sorted(counts)}); {repair}")
+        raise UserError(f"the classes of {path} have different numbers of images ({sorted(counts)}); {repair}")
     index = torch.tensor([list(classes[name]) for name in names])  # [C, S]
     if index.min() < 0 or index.max() >= shape[0]:
-        raise ValueError(f"class_dict of {path} indexes images outside image_data ({shape[0]} images); {repair}")
+        raise UserError(f"class_dict of {path} indexes images outside image_data ({shape[0]} images); {repair}")
     # [C, S, 3, H, W] as a view of the gathered [C, S, H, W, 3]: one copy of the data (the encoders run
     # channels-last, so this layout costs nothing)
     grouped = torch.from_numpy(pixels)[index].permute(0, 1, 4, 2, 3)
@@ -124,18 +127,18 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
     with open(path, newline="") as file:
         rows = list(csv.reader(file))
     if not rows or [cell.strip() for cell in rows[0]] != ["filename", "label"]:
-        raise ValueError(f"{path} must start with the header 'filename,label' (Ravi & Larochelle's format), got "
-                         f"{rows[0] if rows else 'an empty file'}")
+        raise UserError(f"{path} must start with the header 'filename,label' (Ravi & Larochelle's format), got "
+                         f"{rows[0] if rows else 'an empty file'}. Restore the file")
     bad = [i + 2 for i, row in enumerate(rows[1:]) if len(row) != 2]
     if bad:
-        raise ValueError(f"{path} line {bad[0]} does not have the two fields filename,label")
+        raise UserError(f"{path} line {bad[0]} does not have the two fields filename,label. Repair that line")
     return [(name.strip(), label.strip()) for name, label in rows[1:]]
 
 
 def _read_folder(folder: Path, image_size: int, cache_dir) -> dict[str, ClassImages]:
     missing = [name for name in [*CSVS.values(), "images"] if not (folder / name).exists()]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks {missing}: the folder layout needs images/ plus "
+        raise MissingInput(f"{folder} lacks {missing}: the folder layout needs images/ plus "
                                 f"{', '.join(CSVS.values())}; otherwise put there {_LAYOUTS}")
     files = {}  # split -> class name -> image paths, classes sorted, images in CSV order
     for split in SPLITS:

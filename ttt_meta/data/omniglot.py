@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from ..errors import MissingInput, UserError
 from . import images
 from .episodes import ClassImages
 
@@ -47,7 +48,7 @@ def load_omniglot(
     wanted = [name for key in ("train", "val", "test") for name in split[key]]
     missing = [name for name in wanted if name not in characters]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"found {len(wanted) - len(missing)} of {len(wanted)} Omniglot characters of the split under "
             f"{os.path.join(root, 'omniglot-py')} (missing e.g. {missing[:3]}); the data set is incomplete: "
             f"{_REPAIR}"
@@ -66,7 +67,7 @@ def _list_characters(root: str | os.PathLike, download: bool) -> dict[str, list[
     for background in (True, False):
         folder = os.path.join(root, "omniglot-py", "images_background" if background else "images_evaluation")
         if not download and not os.path.isdir(folder):
-            raise FileNotFoundError(f"Omniglot not found: {folder} is not a directory; {_FIND}")
+            raise MissingInput(f"Omniglot not found: {folder} is not a directory; {_FIND}")
         dataset = _ExtractedOmniglot(str(root), background=background, download=download)
         for character, files in zip(dataset._characters, dataset._character_images):
             paths = sorted(os.path.join(dataset.target_folder, character, file) for file, _ in files)
@@ -74,7 +75,7 @@ def _list_characters(root: str | os.PathLike, download: bool) -> dict[str, list[
     wrong = {name: len(paths) for name, paths in characters.items() if len(paths) != IMAGES_PER_CHARACTER}
     if wrong:
         name, count = next(iter(wrong.items()))
-        raise ValueError(
+        raise UserError(
             f"{len(wrong)} Omniglot characters do not have {IMAGES_PER_CHARACTER} images each (e.g. {name} has "
             f"{count} under {os.path.join(root, 'omniglot-py')}); the data set is incomplete: {_REPAIR}"
         )

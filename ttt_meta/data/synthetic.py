@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from ..errors import UserError
 from .episodes import ClassImages
 
 _POINTS_PER_STROKE = 4  # cubic Bezier control points
@@ -21,7 +22,7 @@ def make_glyphs(num_classes: int, samples_per_class: int = 20, image_size: int =
     same bytes on every call.
     """
     if num_classes < 1 or samples_per_class < 1:
-        raise ValueError(f"need num_classes >= 1 and samples_per_class >= 1, got {num_classes} and {samples_per_class}")
+        raise UserError(f"need num_classes >= 1 and samples_per_class >= 1, got {num_classes} and {samples_per_class}")
     g = torch.Generator().manual_seed(seed)
     c, s, k, p = num_classes, samples_per_class, _MAX_STROKES, _POINTS_PER_STROKE
 

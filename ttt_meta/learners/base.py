@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import CatMetric, MeanMetric
 
+from ..errors import TrainingDiverged, UserError
+
 
 def confidence_interval(acc: Tensor) -> tuple[float, float]:
     """Mean and 95% half-interval 1.96 * std / sqrt(n) of per-episode accuracies [n]."""
@@ -38,7 +40,7 @@ class EpisodicLearner(L.LightningModule):
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
         super().__init__()
         if lr <= 0:
-            raise ValueError(f"model lr must be > 0, got {lr}")
+            raise UserError(f"model lr must be > 0, got {lr}. Set model.init_args.lr to a positive number")
         self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
 
@@ -47,11 +49,11 @@ class EpisodicLearner(L.LightningModule):
         their own checks): the images must have the model's in_channels and image_size."""
         shape, hp = getattr(datamodule, "image_shape", None), self.hparams
         if getattr(getattr(datamodule, "hparams", None), "label_space", None) and not self.reads_label_ids:
-            raise ValueError(f"data.label_space has no effect on {type(self).__name__} (its classes have no label "
-                             f"ids); remove data.label_space")
+            raise UserError(f"data.label_space has no effect on {type(self).__name__} (its classes have no label "
+                            f"ids). Remove data.label_space")
         if shape is not None and "image_size" in hp and shape != (hp.in_channels, hp.image_size, hp.image_size):
-            raise ValueError(f"the data gives {shape[0]}x{shape[1]}x{shape[2]} images but the model reads "
-                             f"{hp.in_channels}x{hp.image_size}x{hp.image_size}; set model.init_args.in_channels: "
+            raise UserError(f"the data gives {shape[0]}x{shape[1]}x{shape[2]} images but the model reads "
+                             f"{hp.in_channels}x{hp.image_size}x{hp.image_size}. Set model.init_args.in_channels: "
                              f"{shape[0]} and model.init_args.image_size: {shape[1]} (or data.image_size)")
 
     def setup(self, stage: str) -> None:
@@ -89,9 +91,9 @@ class EpisodicLearner(L.LightningModule):
         """Stop the run (every process) before a NaN or infinite loss reaches the weights."""
         bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
         if bad:
-            raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {self.global_step}: the run stops before it reaches the "
-                f"weights; the last good state is in the run's last.ckpt. Lower model.init_args.lr, keep "
+            raise TrainingDiverged(
+                f"the training loss is {loss.item()} at step {self.global_step}: the run stopped before it reached the "
+                f"weights, and the last good state is in the run's last.ckpt. Lower model.init_args.lr, keep "
                 f"trainer.gradient_clip_val, or resume from last.ckpt with a smaller learning rate")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -9,12 +9,13 @@ autograd for the adaptation, so it runs with gradients on inside validation and 
 
 from __future__ import annotations
 
-import learn2learn as l2l
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..nn.encoders import make_encoder
+from ..quiet import learn2learn
 from .base import EpisodicLearner
 
 
@@ -36,10 +37,12 @@ class MAMLLearner(EpisodicLearner):
                  weight_decay: float = 0.0, warmup_steps: int = 200):
         super().__init__(lr, weight_decay, warmup_steps)
         if train_steps < 1 or test_steps < 0:
-            raise ValueError(f"need train_steps >= 1 and test_steps >= 0, got {train_steps} and {test_steps}")
+            raise UserError(f"MAML needs train_steps >= 1 and test_steps >= 0, got {train_steps} and {test_steps}. "
+                            f"Set model.init_args.train_steps and test_steps accordingly")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         enc = make_encoder(encoder, in_channels, encoder_channels, image_size, batch_stats=True)
         net = nn.Sequential(enc, nn.Linear(enc.out_features, ways))
+        l2l = learn2learn()  # imported here: a run of another learner never loads it
         algo = l2l.algorithms.MetaSGD if meta_sgd else l2l.algorithms.MAML
         self.maml = algo(net, lr=inner_lr, first_order=first_order)
         self.adaptation_steps = test_steps  # what evaluation uses; compare.py sets it per row
@@ -49,8 +52,8 @@ class MAMLLearner(EpisodicLearner):
         super().check_data(datamodule)
         ways = {datamodule.train_spec.ways, datamodule.eval_spec.ways}
         if ways != {self.hparams.ways}:
-            raise ValueError(f"the data asks for {sorted(ways)}-way episodes but this MAML head has "
-                             f"{self.hparams.ways} ways; set model.init_args.ways to the data's ways")
+            raise UserError(f"the data asks for {sorted(ways)}-way episodes but this MAML head has "
+                             f"{self.hparams.ways} ways. Set model.init_args.ways to the data's ways")
 
     def adapt(self, support: Tensor, labels: Tensor, steps: int) -> nn.Module:
         """A clone of the meta-model after `steps` gradient steps on one episode's support loss."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..nn.encoders import make_encoder
 from ..nn.model import EpisodeSequenceModel
 from ..nn.ttt import TTTLayer
@@ -46,9 +47,9 @@ class SequenceMetaLearner(EpisodicLearner):
         super().check_data(datamodule)
         ways = getattr(datamodule, "max_ways", 0)
         if ways > self.hparams.max_ways:
-            raise ValueError(f"the data asks for {ways}-way episodes or label ids (data.ways, eval_ways, label_space) "
-                             f"but model.max_ways is {self.hparams.max_ways}; raise model.init_args.max_ways "
-                             f"(a checkpoint cannot grow it)")
+            raise UserError(f"the data asks for {ways}-way episodes or label ids (data.ways, eval_ways, label_space) "
+                             f"but model.max_ways is {self.hparams.max_ways}. Raise model.init_args.max_ways "
+                            f"(a checkpoint cannot grow it)")
 
     def ttt_layers(self) -> list[tuple[str, TTTLayer]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, TTTLayer)]

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ttt import TTTLinear, TTTMLP
+from ..errors import UserError
+from .ttt import TTTMLP, TTTLinear
 
 
 def _support_count(write_mask: Tensor) -> int:
@@ -67,7 +68,8 @@ class AttentionCore(nn.Module):
     def __init__(self, width: int, num_heads: int):
         super().__init__()
         if width % num_heads:
-            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+            raise UserError(f"width {width} is not divisible by num_heads {num_heads}. Set model.init_args.width to a "
+                            f"multiple of model.init_args.num_heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
@@ -98,4 +100,4 @@ def make_core(name: str, width: int, num_heads: int, mini_batch_size: int = 16, 
         return LSTMCore(width, reference_params=reference)
     if name == "attention":
         return AttentionCore(width, num_heads)
-    raise ValueError(f"unknown core {name!r}; choose one of {list(CORES)}")
+    raise UserError(f"unknown core {name!r}. Set model.init_args.core to one of {list(CORES)}")

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 
 class Conv4(nn.Module):
     """The standard few-shot backbone (Vinyals et al. 2016): 4 x [conv3x3, BatchNorm, ReLU, maxpool 2].
@@ -24,7 +26,8 @@ class Conv4(nn.Module):
         for _ in range(4):
             side //= 2
         if side < 1:
-            raise ValueError(f"Conv4 halves the image 4 times: image_size {image_size} is too small (need >= 16)")
+            raise UserError(f"Conv4 halves the image 4 times: image_size {image_size} is too small (need >= 16). "
+                            f"Set data.image_size and model.init_args.image_size to 16 or more")
         layers = []
         for i in range(4):
             layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
@@ -75,7 +78,8 @@ class ResNet12(nn.Module):
     def __init__(self, in_channels: int = 3, channels: int = 64, image_size: int = 84, batch_stats: bool = False):
         super().__init__()
         if image_size < 16:
-            raise ValueError(f"ResNet-12 halves the image 4 times: image_size {image_size} is too small (need >= 16)")
+            raise UserError(f"ResNet-12 halves the image 4 times: image_size {image_size} is too small (need >= 16). "
+                            f"Set data.image_size and model.init_args.image_size to 16 or more")
         widths = [in_channels, channels, int(2.5 * channels), 5 * channels, 10 * channels]
         self.net = nn.Sequential(*(_ResidualBlock(cin, cout, batch_stats) for cin, cout in zip(widths, widths[1:])),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -94,5 +98,5 @@ ENCODERS = {"conv4": Conv4, "resnet12": ResNet12}
 
 def make_encoder(name: str, in_channels: int, channels: int, image_size: int, batch_stats: bool = False) -> nn.Module:
     if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
+        raise UserError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
     return ENCODERS[name](in_channels=in_channels, channels=channels, image_size=image_size, batch_stats=batch_stats)

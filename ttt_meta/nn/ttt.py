@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 FORMS = ("primal", "dual", "compiled")
 _EPS = 1e-6
 _GROUP = 8  # mini-batches per call of the compiled step: fewer calls, each a larger fused graph
@@ -295,13 +297,15 @@ class TTTLayer(nn.Module):
                  share_qk: bool = True, form: str = "dual"):
         super().__init__()
         if width % num_heads:
-            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+            raise UserError(f"width {width} is not divisible by num_heads {num_heads}. Set model.init_args.width to a "
+                            f"multiple of model.init_args.num_heads")
         if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+            raise UserError(f"mini_batch_size must be >= 1, got {mini_batch_size}. Set model.init_args.mini_batch_size "
+                            f"to 1 or more")
         if eta_base < 0:
-            raise ValueError(f"eta_base must be >= 0, got {eta_base}")
+            raise UserError(f"eta_base must be >= 0, got {eta_base}. Set model.init_args.eta_base to 0 or more")
         if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+            raise UserError(f"form must be one of {FORMS}, got {form!r}. Set model.init_args.form to one of them")
         self.width, self.num_heads, self.head_dim = width, num_heads, width // num_heads
         self.mini_batch_size, self.eta_base, self.share_qk, self.form = mini_batch_size, eta_base, share_qk, form
         self.theta_kv = nn.Linear(width, 2 * width, bias=False)
@@ -346,7 +350,7 @@ class TTTLayer(nn.Module):
 
     def forward(self, x: Tensor, write_mask: Tensor | None = None, inner_epochs: int = 1) -> Tensor:
         if inner_epochs < 1:
-            raise ValueError(f"inner_epochs must be >= 1, got {inner_epochs}")
+            raise UserError(f"inner_epochs must be >= 1, got {inner_epochs}. Set it to 1 or more")
         dtype = self.ln_weight.dtype
         q, k, v, eta = (t.to(dtype) for t in self.views(x, write_mask))  # float32 from an autocast region
         self.last_eta = eta.detach()  # [B, H, T], for logging
