@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -77,19 +78,37 @@ def test_train_stream_independent_of_workers():
     assert not torch.equal(main_process[0][1], main_process[1][1])
 
 
-@pytest.mark.parametrize("config", ["quickstart.yaml", "omniglot/maml_5w1s.yaml"])
-def test_ddp_two_processes(tmp_path, config):
-    """gloo DDP on 2 CPU processes: training runs, and the test report counts each of 11 episodes once."""
-    extra = TINY if config == "quickstart.yaml" else [
-        "--model.init_args.encoder_channels=4", *DATA, "--data.dataset=synthetic", "--data.rotations=false"]
-    args = [sys.executable, "-m", "ttt_meta", "{}", "--config", str(CONFIGS / config), *extra,
-            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--run_name=ddp"]
+DDP_CONFIGS = ["quickstart.yaml", "omniglot/maml_5w1s.yaml"]
+
+
+@pytest.fixture(scope="module")
+def ddp_reports(tmp_path_factory) -> dict:
+    """For each DDP_CONFIGS entry: a 2-step gloo DDP fit on 2 CPU processes, then a DDP test of its last.ckpt,
+    the two configs side by side (a DDP start is mostly waiting: rank 1 imports while rank 0 waits for it).
+    {config: test_results.json}."""
     env = {**os.environ, "TTT_META_THREADS": "1"}
-    for sub in (["fit", "--trainer.max_steps=2"], ["test", "--ckpt_path", "checkpoints/ddp/version_0/last.ckpt"]):
-        cmd = [a.format(sub[0]) for a in args] + sub[1:]
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(next((tmp_path / "logs" / "ddp").glob("version_*/test_results.json")).read_text())
+
+    def fit_and_test(config: str) -> dict:
+        folder = tmp_path_factory.mktemp("ddp")
+        extra = TINY if config == "quickstart.yaml" else [
+            "--model.init_args.encoder_channels=4", *DATA, "--data.dataset=synthetic", "--data.rotations=false"]
+        args = ["--config", str(CONFIGS / config), *extra, "--trainer.strategy=ddp", "--trainer.devices=2",
+                "--trainer.accelerator=cpu", "--run_name=ddp"]
+        for sub in (["fit", *args, "--trainer.max_steps=2"],
+                    ["test", *args, "--ckpt_path", "checkpoints/ddp/version_0/last.ckpt"]):
+            done = subprocess.run([sys.executable, "-m", "ttt_meta", *sub], cwd=folder, env=env, capture_output=True,
+                                  text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(next((folder / "logs" / "ddp").glob("version_*/test_results.json")).read_text())
+
+    with ThreadPoolExecutor(len(DDP_CONFIGS)) as pool:
+        return dict(zip(DDP_CONFIGS, pool.map(fit_and_test, DDP_CONFIGS)))
+
+
+@pytest.mark.parametrize("config", DDP_CONFIGS)
+def test_ddp_two_processes(ddp_reports, config):
+    """gloo DDP on 2 CPU processes: training runs, and the test report counts each of 11 episodes once."""
+    report = ddp_reports[config]
     assert report["episodes"] == 11 and report["episodes_per_process"] == [6, 5]
 
 
