@@ -126,7 +126,7 @@ def test_quiet_fit_summary_versions_and_resume(tmp_path, capsys):
     best = next(v0.glob("best-*.ckpt"))
     assert "best validation accuracy" in first.stdout and str(best.relative_to(tmp_path)) in first.stdout
     assert "last checkpoint: checkpoints/quickstart/version_0/last.ckpt" in first.stdout
-    test_line = next(line for line in first.stdout.splitlines() if "python -m ttt_meta test" in line)
+    test_line = next(line for line in first.stdout.splitlines() if " -m ttt_meta test " in line)
     assert "tensorboard --logdir logs" in first.stdout
 
     v0_files = {p: p.read_bytes() for p in v0.iterdir()}
@@ -137,7 +137,7 @@ def test_quiet_fit_summary_versions_and_resume(tmp_path, capsys):
 
     # the printed test command works as printed (its path is the best checkpoint of version 0)
     capsys.readouterr()
-    run_cli(tmp_path, shlex.split(test_line.split("python -m ttt_meta ", 1)[1]))
+    run_cli(tmp_path, shlex.split(test_line.split(" -m ttt_meta ", 1)[1]))
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "95% CI" in printed and "test_results.json" in printed
     run_cli(tmp_path, ["test", "--config", QUICK, *TINY, "--ckpt_path", "last"])
@@ -189,9 +189,8 @@ def test_signal_saves_and_resumes_bitwise(tmp_path, uninterrupted, signum, at, s
     last = tmp_path / "checkpoints" / "quickstart" / "version_0" / "last.ckpt"
     assert _state(last)["global_step"] == saved_step
     command = err.strip().splitlines()[-1].strip()
-    assert command.startswith("python -m ttt_meta fit ") and command.endswith(
-        "--ckpt_path checkpoints/quickstart/version_0/last.ckpt")
-    resumed_args = [a for a in shlex.split(command)[3:] if "signal_gate" not in a]
+    assert " -m ttt_meta fit " in command and command.endswith("--ckpt_path checkpoints/quickstart/version_0/last.ckpt")
+    resumed_args = [a for a in shlex.split(command.split(" -m ttt_meta ", 1)[1]) if "signal_gate" not in a]
     run_cli(tmp_path, resumed_args)
     a, b = _state(uninterrupted), _state(last)
     assert b["global_step"] == a["global_step"] == 10

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -74,6 +75,19 @@ def _relative(path: str | Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def invocation() -> str:
+    """How to run this app again from the working folder: ``python -m ttt_meta`` when ``python`` on the PATH is
+    this interpreter (an activated environment), else this interpreter's path (``.venv/bin/python -m ttt_meta``)."""
+    executable, on_path = Path(sys.executable), shutil.which("python")
+    if on_path is not None and Path(on_path).absolute() == executable.absolute():
+        return "python -m ttt_meta"
+    try:  # not resolved: a virtual environment's python is a link to the base interpreter
+        shown = executable.relative_to(Path.cwd())
+    except ValueError:
+        shown = executable
+    return f"{shown} -m ttt_meta"
 
 
 def _without_ckpt_path(args: list[str]) -> list[str]:
@@ -212,7 +226,7 @@ class TTTMetaCLI(LightningCLI):
         if last.is_file():
             lines.append(f"  last checkpoint: {_relative(last)}")
         target = best.best_model_path if best is not None and best.best_model_path else last
-        lines += [f"  test it:      {PROGRAM} test {shlex.join([*args, '--ckpt_path', _relative(target)])}",
+        lines += [f"  test it:      {invocation()} test {shlex.join([*args, '--ckpt_path', _relative(target)])}",
                   "  TensorBoard:  tensorboard --logdir logs"]
         print("\n".join(lines))
 
@@ -254,7 +268,7 @@ def main(args: list[str] | None = None, run: bool = True):
                   file=sys.stderr)
         elif rank_zero_only.rank == 0:
             print(f"\nstopped by {signal.Signals(signum).name} at step {step}; saved {_relative(path)}. Resume with:\n"
-                  f"  {PROGRAM} fit {shlex.join([*_without_ckpt_path(argv[1:]), '--ckpt_path', _relative(path)])}",
+                  f"  {invocation()} fit {shlex.join([*_without_ckpt_path(argv[1:]), '--ckpt_path', _relative(path)])}",
                   file=sys.stderr)
         raise SystemExit(128 + signum) from None
 
