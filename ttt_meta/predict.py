@@ -32,8 +32,8 @@ def load_model(path: str | Path) -> torch.nn.Module:
     class_path = hp.pop("_class_path", None)
     hp.pop("_instantiator", None)
     if class_path is None:
-        raise UserError(f"checkpoint {path} does not record its model class: use a checkpoint written by "
-                         f"`python -m ttt_meta fit` (checkpoints/<run_name>/*.ckpt)")
+        raise UserError(f"checkpoint {path} does not record its model class. Use a checkpoint written by "
+                        f"`python -m ttt_meta fit` (checkpoints/<run_name>/version_N/*.ckpt)")
     module, name = class_path.rsplit(".", 1)
     model = getattr(importlib.import_module(module), name)(**hp)
     model.load_state_dict(ckpt["state_dict"])

@@ -15,7 +15,7 @@ IMAGES_PER_CHARACTER = 20
 SPLIT_FILE = Path(__file__).with_name("omniglot_split.json")
 # Part of the data fingerprint, so that changing how images are decoded invalidates old caches.
 _DECODING = "v1: convert L, resize LANCZOS, invert"
-_FIND = "point data.root (or TTT_META_DATA) at the folder that holds omniglot/omniglot-py, or set data.download: true"
+_FIND = "Point data.root (or TTT_META_DATA) at the folder that holds omniglot/omniglot-py, or set data.download: true"
 _REPAIR = "restore the files, e.g. delete the omniglot-py folder and load again with data.download: true"
 
 
@@ -67,7 +67,7 @@ def _list_characters(root: str | os.PathLike, download: bool) -> dict[str, list[
     for background in (True, False):
         folder = os.path.join(root, "omniglot-py", "images_background" if background else "images_evaluation")
         if not download and not os.path.isdir(folder):
-            raise MissingInput(f"Omniglot not found: {folder} is not a directory; {_FIND}")
+            raise MissingInput(f"Omniglot not found: {folder} is not a directory. {_FIND}")
         dataset = _ExtractedOmniglot(str(root), background=background, download=download)
         for character, files in zip(dataset._characters, dataset._character_images):
             paths = sorted(os.path.join(dataset.target_folder, character, file) for file, _ in files)
