@@ -67,7 +67,7 @@ USER_ERRORS = [
     (["test", "--config", QUICK, "--ckpt_path", "{tmp}/damaged.ckpt"], ["cannot be read", "damaged"]),
     (["test", "--config", QUICK, "--ckpt_path", str(SHIPPED)], ["another shape", "width: 128 there, 64 here"]),
     (["test", "--config", QUICK, "--ckpt_path", "last"], ["no last.ckpt of the run 'quickstart'"]),
-    (["fit", "--config", QUICK, "--run_name=mine"], ["checkpoints/mine/ holds files that no run wrote", "--run_name"]),
+    (["fit", "--config", QUICK, "--run_name=mine"], ["checkpoints/mine/ holds files outside version_N folders", "--run_name"]),
     (["predict", "--ckpt_path", "{tmp}/no_class.ckpt", "--support", "{tmp}", "--query", "{tmp}"],
      ["does not record its model class"]),
     (["predict", "--ckpt_path", str(SHIPPED), "--support", "{tmp}/none", "--query", "{tmp}/none"],

@@ -168,8 +168,9 @@ class TTTMetaCLI(LightningCLI):
             foreign = sorted(p.name for p in checkpoints.iterdir()
                              if not re.fullmatch(r"version_\d+", p.name)) if checkpoints.is_dir() else []
             if foreign and cfg.checkpoint.dirpath is None:
-                raise UserError(f"{checkpoints}/ holds files that no run wrote ({', '.join(foreign[:3])}): runs only "
-                                f"add version_N folders there. Pass another --run_name (or move those files)")
+                raise UserError(f"{checkpoints}/ holds files outside version_N folders ({', '.join(foreign[:3])}), "
+                                f"and a run never writes beside files it did not make. Pass another --run_name, or "
+                                f"move those files into a version_N folder of their own")
             if cfg.get("ckpt_path"):  # resuming a checkpoint of this run name continues its version
                 match = re.fullmatch(r"version_(\d+)", Path(cfg.ckpt_path).resolve().parent.name)
                 if match and Path(cfg.ckpt_path).resolve().parent.parent == checkpoints.resolve():
