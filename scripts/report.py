@@ -30,10 +30,6 @@ def _curves(version: Path) -> dict:
     return curves
 
 
-def _version_number(folder: Path) -> int:
-    return int(folder.name.removeprefix("version_")) if folder.name.removeprefix("version_").isdigit() else -1
-
-
 def read_run(folder: Path) -> dict:
     """{"name", "curves": {tag: [(step, value)]}, "test": test_results.json or None} of one run.
 
@@ -41,13 +37,15 @@ def read_run(folder: Path) -> dict:
     which means its newest version with training curves. The test result is the version's own
     ``test_results.json``, else the newest one of the run name that scored a checkpoint of that version.
     """
+    from ttt_meta.cli import run_versions
+
     if not folder.is_dir():
         raise FileNotFoundError(f"run folder {folder} does not exist; runs log under logs/<run_name>/version_N")
     if folder.name.startswith("version_"):
-        version, siblings = folder, sorted(folder.parent.glob("version_*"), key=_version_number)
+        version, siblings = folder, [f for _, f in sorted(run_versions(folder.parent).items())]
         curves = _curves(version)
     else:
-        siblings = sorted(folder.glob("version_*"), key=_version_number)
+        siblings = [f for _, f in sorted(run_versions(folder).items())]
         fits = [(v, c) for v in siblings for c in [_curves(v)] if any(c.values())]
         version, curves = fits[-1] if fits else (None, {tag: {} for tag in CURVES})
     test = None

@@ -83,6 +83,7 @@ class LastCheckpoint(L.Callback):
         self._saved_step = trainer.global_step
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.stop_signal = None
         lightning = signal.getsignal(signal.SIGTERM)  # installed by Lightning's signal connector before this hook
         if threading.current_thread() is not threading.main_thread() or not callable(lightning):
             return

@@ -51,8 +51,8 @@ Runs write logs/<run_name>/version_N/ (TensorBoard: tensorboard --logdir logs) a
 LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")  # --ckpt_path values that Lightning resolves itself
 
 
-def _versions(folder: Path) -> dict[int, Path]:
-    """{N: folder/version_N} of the version folders in `folder`."""
+def run_versions(folder: Path) -> dict[int, Path]:
+    """{N: folder/version_N} of the version folders in `folder` (``logs/<run_name>`` or ``checkpoints/<run_name>``)."""
     found = (re.fullmatch(r"version_(\d+)", p.name) for p in folder.glob("version_*") if p.is_dir())
     return {int(m.group(1)): folder / m.group(0) for m in found if m}
 
@@ -60,7 +60,7 @@ def _versions(folder: Path) -> dict[int, Path]:
 def newest_last_checkpoint(run_name: str) -> Path:
     """``checkpoints/<run_name>/version_N/last.ckpt`` of the largest N that has one (what ``--ckpt_path last``
     means)."""
-    saved = {n: f / "last.ckpt" for n, f in _versions(Path("checkpoints") / run_name).items()
+    saved = {n: f / "last.ckpt" for n, f in run_versions(Path("checkpoints") / run_name).items()
              if (f / "last.ckpt").is_file()}
     if not saved:
         raise MissingInput(f"found no last.ckpt of the run {run_name!r} under checkpoints/{run_name}/. Train it "
@@ -69,10 +69,10 @@ def newest_last_checkpoint(run_name: str) -> Path:
 
 
 def _relative(path: str | Path) -> str:
-    """`path` relative to the working folder when it lies inside it (for commands a user copies)."""
-    path = Path(path)
+    """`path` relative to the working folder when it lies inside it (for commands a user copies). Not resolved: a
+    virtual environment's python is a link to the base interpreter."""
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        return str(Path(path).absolute().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 
@@ -80,14 +80,10 @@ def _relative(path: str | Path) -> str:
 def invocation() -> str:
     """How to run this app again from the working folder: ``python -m ttt_meta`` when ``python`` on the PATH is
     this interpreter (an activated environment), else this interpreter's path (``.venv/bin/python -m ttt_meta``)."""
-    executable, on_path = Path(sys.executable), shutil.which("python")
-    if on_path is not None and Path(on_path).absolute() == executable.absolute():
+    on_path = shutil.which("python")
+    if on_path is not None and Path(on_path).absolute() == Path(sys.executable).absolute():
         return "python -m ttt_meta"
-    try:  # not resolved: a virtual environment's python is a link to the base interpreter
-        shown = executable.relative_to(Path.cwd())
-    except ValueError:
-        shown = executable
-    return f"{shown} -m ttt_meta"
+    return f"{_relative(sys.executable)} -m ttt_meta"
 
 
 def _without_ckpt_path(args: list[str]) -> list[str]:
@@ -163,20 +159,19 @@ class TTTMetaCLI(LightningCLI):
         logs, checkpoints = Path("logs") / name, Path("checkpoints") / name
         if cfg.get("ckpt_path") == "last":
             cfg.ckpt_path = str(newest_last_checkpoint(name))
-        version = None
+        versions, version = run_versions(checkpoints), None
         if self.subcommand == "fit":
             foreign = sorted(p.name for p in checkpoints.iterdir()
-                             if not re.fullmatch(r"version_\d+", p.name)) if checkpoints.is_dir() else []
+                             if p not in versions.values()) if checkpoints.is_dir() else []
             if foreign and cfg.checkpoint.dirpath is None:
                 raise UserError(f"{checkpoints}/ holds files outside version_N folders ({', '.join(foreign[:3])}), "
                                 f"and a run never writes beside files it did not make. Pass another --run_name, or "
                                 f"move those files into a version_N folder of their own")
             if cfg.get("ckpt_path"):  # resuming a checkpoint of this run name continues its version
-                match = re.fullmatch(r"version_(\d+)", Path(cfg.ckpt_path).resolve().parent.name)
-                if match and Path(cfg.ckpt_path).resolve().parent.parent == checkpoints.resolve():
-                    version = int(match.group(1))
+                resumed = Path(cfg.ckpt_path).resolve().parent
+                version = next((n for n, folder in versions.items() if folder.resolve() == resumed), None)
         if version is None:
-            version = 1 + max([*_versions(logs), *_versions(checkpoints)], default=-1)
+            version = 1 + max([*run_versions(logs), *versions], default=-1)
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(checkpoints / f"version_{version}")
         if cfg.last_checkpoint.dirpath is None:
