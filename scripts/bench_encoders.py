@@ -89,7 +89,7 @@ def measure(dataset: str, setting: str, encoder: str, args) -> dict:
             model(test_batch)
 
     def train():
-        loss, _ = model._step(train_batch)
+        loss, _ = model.loss_and_accuracy(train_batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

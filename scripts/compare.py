@@ -28,7 +28,7 @@ from ttt_meta.checkpointing import check_checkpoint
 from ttt_meta.cli import TTTMetaCLI, newest_last_checkpoint
 from ttt_meta.cli import main as cli_main
 from ttt_meta.learners import MAMLLearner
-from ttt_meta.learners.base import confidence_interval
+from ttt_meta.measure import confidence_interval
 
 MODELS = ["ttt_linear", "ttt_mlp", "lstm", "attention", "protonet", "maml", "metasgd"]
 MAML_STEPS = (1, 5, 10)
@@ -51,7 +51,7 @@ def step_seconds(cli: TTTMetaCLI, steps: int = 8) -> float:
     for i in range(steps + 2):
         batch = next(batches)
         t0 = time.perf_counter()
-        loss, _ = model._step(batch)
+        loss, _ = model.loss_and_accuracy(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -25,7 +25,7 @@ from compare import train
 
 from ttt_meta.data.datamodule import FixedEpisodes
 from ttt_meta.data.episodes import EpisodeSpec
-from ttt_meta.learners.base import confidence_interval
+from ttt_meta.measure import confidence_interval
 
 
 def settings(shots: list[int], ways: list[int]) -> list[tuple[int, int]]:
@@ -42,7 +42,7 @@ def score(model, test, ways: int, shots: int, queries: int, episodes: int, seed:
     with torch.inference_mode():
         for start in range(0, episodes, per_batch):
             batch = fixed.__getitems__(list(range(start, min(episodes, start + per_batch))))
-            accs.append(model._step(batch)[1])  # per-episode accuracy, as the learner's test step
+            accs.append(model.loss_and_accuracy(batch)[1])  # per-episode accuracy, as the learner's test step
     mean, ci = confidence_interval(torch.cat(accs))
     return {"ways": ways, "shots": shots, "acc": mean, "ci95": ci, "episodes": episodes,
             "seconds": time.perf_counter() - t0}

@@ -2,9 +2,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-torch.set_num_threads(int(os.environ.get("TTT_META_THREADS", min(2, os.cpu_count() or 1))))
+from ttt_meta.cli import set_threads
+
+os.environ.setdefault("TTT_META_THREADS", str(min(2, os.cpu_count() or 1)))
+set_threads()
 
 
 @pytest.fixture

@@ -177,13 +177,13 @@ def test_bad_checkpoints(tmp_path, monkeypatch, trained):
 
 def test_nan_loss_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    real_step = SequenceMetaLearner._step
+    real_step = SequenceMetaLearner.loss_and_accuracy
 
     def step(self, batch):
         loss, acc = real_step(self, batch)
         return (loss * float("nan") if self.training and self.global_step == 3 else loss), acc
 
-    monkeypatch.setattr(SequenceMetaLearner, "_step", step)
+    monkeypatch.setattr(SequenceMetaLearner, "loss_and_accuracy", step)
     with pytest.raises(FloatingPointError, match="at step 3"):
         main(["fit", "--config", QUICK, *TINY, "--trainer.max_steps=10", "--last_checkpoint.every_n_steps=2"])
     last = torch.load(tmp_path / "checkpoints" / "quickstart" / "version_0" / "last.ckpt", weights_only=False)

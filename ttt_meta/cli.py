@@ -51,6 +51,13 @@ Runs write logs/<run_name>/version_N/ (TensorBoard: tensorboard --logdir logs) a
 LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")  # --ckpt_path values that Lightning resolves itself
 
 
+def set_threads() -> int:
+    """Set torch's intra-op threads to $TTT_META_THREADS, else to every core; returns the count (the one place
+    that decides it, for the CLI, the scripts and the tests)."""
+    torch.set_num_threads(int(os.environ.get("TTT_META_THREADS") or os.cpu_count() or 1))
+    return torch.get_num_threads()
+
+
 def run_versions(folder: Path) -> dict[int, Path]:
     """{N: folder/version_N} of the version folders in `folder` (``logs/<run_name>`` or ``checkpoints/<run_name>``)."""
     found = (re.fullmatch(r"version_(\d+)", p.name) for p in folder.glob("version_*") if p.is_dir())
@@ -232,7 +239,7 @@ def main(args: list[str] | None = None, run: bool = True):
     subcommand and the model, data module and trainer are only built (``cli.model``, ``cli.datamodule``, ...).
     ``predict`` goes to ``ttt_meta.predict.main``. A signal during ``fit`` exits with status 128 + its number
     after saving last.ckpt."""
-    torch.set_num_threads(int(os.environ.get("TTT_META_THREADS", os.cpu_count() or 1)))
+    set_threads()
     silence_library_notices()
     argv = sys.argv[1:] if args is None else list(args)
     if run and (not argv or argv[0] in ("-h", "--help")):

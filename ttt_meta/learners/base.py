@@ -17,17 +17,14 @@ from torch import Tensor
 from torchmetrics import CatMetric, MeanMetric
 
 from ..errors import TrainingDiverged, UserError
-
-
-def confidence_interval(acc: Tensor) -> tuple[float, float]:
-    """Mean and 95% half-interval 1.96 * std / sqrt(n) of per-episode accuracies [n]."""
-    n = acc.numel()
-    std = acc.std().item() if n > 1 else 0.0
-    return acc.mean().item(), 1.96 * std / math.sqrt(n)
+from ..measure import confidence_interval, episode_accuracy
 
 
 class EpisodicLearner(L.LightningModule):
     """Base of the learners: cross-entropy on the queries, accuracy, AdamW with warm-up and cosine decay.
+
+    Every argument of a subclass's ``__init__`` (which calls this one first) is saved as a hyperparameter, so a
+    checkpoint records the learner it holds.
 
     Args:
         lr: peak learning rate of AdamW.
@@ -41,6 +38,7 @@ class EpisodicLearner(L.LightningModule):
         super().__init__()
         if lr <= 0:
             raise UserError(f"model lr must be > 0, got {lr}. Set model.init_args.lr to a positive number")
+        self.save_hyperparameters(logger=False)  # the subclass's arguments too; the CLI logs the whole config
         self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
 
@@ -71,15 +69,14 @@ class EpisodicLearner(L.LightningModule):
     def images(x: Tensor) -> Tensor:
         return x.float().div_(255)
 
-    def _step(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """(loss, per-episode accuracy [B])."""
+    def loss_and_accuracy(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(cross-entropy of the queries, per-episode accuracy [B]) of a batch of episodes: every step's work."""
         logits = self(batch)
         y = batch["query_labels"]
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        return loss, (logits.argmax(-1) == y).float().mean(1)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten()), episode_accuracy(logits, y)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, acc = self._step(batch)
+        loss, acc = self.loss_and_accuracy(batch)
         self.stop_if_not_finite(loss)
         self.train_acc(acc)
         n = len(acc)
@@ -97,7 +94,7 @@ class EpisodicLearner(L.LightningModule):
                 f"trainer.gradient_clip_val, or resume from last.ckpt with a smaller learning rate")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, acc = self._step(batch)
+        loss, acc = self.loss_and_accuracy(batch)
         self.val_loss(loss, weight=len(acc))
         self.val_acc(acc)
         self.log("val/loss", self.val_loss, on_epoch=True, batch_size=len(acc))
@@ -107,7 +104,7 @@ class EpisodicLearner(L.LightningModule):
         self.test_episodes_here = 0  # this process's share, reported per process
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        _, acc = self._step(batch)
+        _, acc = self.loss_and_accuracy(batch)
         self.test_acc.update(acc)
         self.test_episodes_here += len(acc)
 

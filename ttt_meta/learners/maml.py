@@ -1,6 +1,6 @@
 """MAMLLearner (Finn et al. 2017) on learn2learn: per-episode gradient adaptation of Conv4 + a linear head.
 
-Each episode clones the meta-model, takes `adaptation_steps` gradient steps on the support loss (second order
+Each episode clones the meta-model, takes `train_steps` (training) or `test_steps` (validation, test) gradient steps on the support loss (second order
 unless `first_order`), and scores the queries with the adapted clone; the meta-model itself is only changed by
 the outer optimiser. BatchNorm uses each task's batch statistics (as in the MAML paper). ``meta_sgd: true``
 switches to Meta-SGD (learned per-parameter inner learning rates, initialised at `inner_lr`). Evaluation needs
@@ -24,7 +24,8 @@ class MAMLLearner(EpisodicLearner):
         ways: N of the linear head (the episodes' N must match).
         inner_lr: inner-loop learning rate (MAML paper: 0.4 on Omniglot, 0.01 on miniImageNet).
         train_steps, test_steps: adaptation steps in training and in validation/test (paper: 1 and 3 on
-            Omniglot 5-way; 5 and 10 on miniImageNet).
+            Omniglot 5-way; 5 and 10 on miniImageNet). ``hparams.test_steps`` may be changed after training, to
+            score one checkpoint at several step counts.
         first_order: drop the second-order terms of the meta-gradient.
         meta_sgd: learn per-parameter inner learning rates (Meta-SGD).
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
@@ -39,13 +40,11 @@ class MAMLLearner(EpisodicLearner):
         if train_steps < 1 or test_steps < 0:
             raise UserError(f"MAML needs train_steps >= 1 and test_steps >= 0, got {train_steps} and {test_steps}. "
                             f"Set model.init_args.train_steps and test_steps accordingly")
-        self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         enc = make_encoder(encoder, in_channels, encoder_channels, image_size, batch_stats=True)
         net = nn.Sequential(enc, nn.Linear(enc.out_features, ways))
         l2l = learn2learn()  # imported here: a run of another learner never loads it
         algo = l2l.algorithms.MetaSGD if meta_sgd else l2l.algorithms.MAML
         self.maml = algo(net, lr=inner_lr, first_order=first_order)
-        self.adaptation_steps = test_steps  # what evaluation uses; compare.py sets it per row
         self.record, self.support_losses = False, []  # (before, after) adaptation, per episode, when recording
 
     def check_data(self, datamodule) -> None:
@@ -85,7 +84,7 @@ class MAMLLearner(EpisodicLearner):
         if batch["ways"] != self.hparams.ways:
             raise ValueError(f"{batch['ways']}-way episodes but this MAML head has {self.hparams.ways} ways; "
                              f"set model.init_args.ways to the data's ways")
-        steps = self.hparams.train_steps if self.training else self.adaptation_steps
+        steps = self.hparams.train_steps if self.training else self.hparams.test_steps
         with torch.inference_mode(False), torch.enable_grad():  # evaluation adapts with autograd too
             support, query = self.images(batch["support"].clone()), self.images(batch["query"].clone())
             labels = batch["support_labels"].clone()

@@ -21,7 +21,6 @@ class ProtoNetLearner(EpisodicLearner):
     def __init__(self, encoder: str = "conv4", encoder_channels: int = 64, in_channels: int = 1,
                  image_size: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
         super().__init__(lr, weight_decay, warmup_steps)
-        self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.encoder = make_encoder(encoder, in_channels, encoder_channels, image_size)
 
     def forward(self, batch: dict) -> Tensor:

@@ -35,7 +35,6 @@ class SequenceMetaLearner(EpisodicLearner):
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  tied_head: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
         super().__init__(lr, weight_decay, warmup_steps)
-        self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, mini_batch_size=mini_batch_size, eta_base=eta_base,
