@@ -143,7 +143,7 @@ def test_label_space_is_checked():
     with pytest.raises(ValueError, match="label_space .3. must be at least data.ways .5."):
         EpisodeDataModule(dataset="synthetic", ways=5, label_space=3)
     dm = EpisodeDataModule(dataset="synthetic", ways=5, label_space=40)
-    with pytest.raises(ValueError, match="max_ways is 5"):
+    with pytest.raises(ValueError, match="serves at most 5 ways"):
         SequenceMetaLearner(**TINY).check_data(dm)
     with pytest.raises(ValueError, match="no effect on ProtoNetLearner"):
         ProtoNetLearner(encoder_channels=16).check_data(dm)

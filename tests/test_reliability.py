@@ -127,7 +127,7 @@ BAD_CONFIGS = [
     (["--model.init_args.image_size=8", "--data.image_size=8"], "too small"),
     (["--model.init_args.core=gru"], "unknown core"),
     (["--data.dataset=cifar"], "unknown data.dataset"),
-    (["--data.ways=10"], "model.max_ways is 5"),
+    (["--data.ways=10"], "serves at most 5 ways"),
 ]
 
 

@@ -5,14 +5,17 @@ Every run of a name (``run_name``, default the config file's name) gets its own 
 accuracy, and ``last.ckpt`` every ``last_checkpoint.every_n_steps`` steps), so a second run never touches the
 first one's files. ``--ckpt_path last`` means the newest ``last.ckpt`` of the run name; ``fit`` from a checkpoint
 of ``checkpoints/<run_name>/version_N/`` continues version N (its logs too). ``test`` writes
-``test_results.json`` (mean accuracy and 95% interval) into its log folder. Before anything runs or is written,
-the data, the episodes and any ``--ckpt_path`` are checked against the model. A user's mistake ends as one line,
+``test_results.json`` (mean accuracy and 95% interval) into its log folder (``inspection.TestReport``). Before
+anything is written, the data, the episodes and any ``--ckpt_path`` are checked against the model, once
+(``TTTMetaCLI.check_inputs``). A config file may begin with ``compose: [PART, ...]``: its parts (paths relative to it, each
+possibly composed itself) are merged first, in order, then its own keys (``composed``). A user's mistake ends as one line,
 ``error: ...``, with exit status 2 (``TTT_META_DEBUG=1`` shows the traceback); SIGINT or SIGTERM during ``fit``
 saves ``last.ckpt`` and prints the command that resumes it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,7 +34,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from .checkpointing import LastCheckpoint, check_checkpoint
 from .data.datamodule import EpisodeDataModule
 from .errors import MissingInput, UserError
-from .inspection import ConfigLogger, InnerLoopMonitor
+from .inspection import ConfigLogger, InnerLoopMonitor, TestReport
 from .learners import EpisodicLearner
 from .quiet import silence_library_notices
 
@@ -93,6 +97,50 @@ def invocation() -> str:
     return f"{_relative(sys.executable)} -m ttt_meta"
 
 
+def _config_parts(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
+    """The ``--config`` values that `path` stands for: its compose parts (recursively), then its own keys as a
+    JSON string; just `path` when it is no mapping with a ``compose`` list (jsonargparse then reads it)."""
+    try:
+        document = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        document = None  # jsonargparse reports it
+    if not isinstance(document, dict) or "compose" not in document:
+        return [str(path)]
+    parts = document.pop("compose")
+    if not isinstance(parts, list) or not all(isinstance(part, str) for part in parts):
+        raise UserError(f"{path}: compose must be a list of config files, got {parts!r}. Write it as "
+                        f"compose: [../model/ttt_linear.yaml, ../data/omniglot_5w1s.yaml]")
+    values = []
+    for part in parts:
+        part_path = path.parent / part
+        if not part_path.is_file():
+            raise MissingInput(f"{path} composes {part}, which is not a file ({part_path}). Fix that entry of its "
+                               f"compose list")
+        if part_path.resolve() in seen:
+            raise UserError(f"{path} composes {part}, which composes {path} again. Remove the cycle")
+        values += _config_parts(part_path, (*seen, path.resolve()))
+    return values + ([json.dumps(document)] if document else [])
+
+
+def composed(args: list[str]) -> tuple[list[str], list[Path]]:
+    """`args` with every ``--config FILE`` replaced by ``--config`` options for FILE's compose parts and then its
+    own keys (jsonargparse merges several configs in order, a later one overriding an earlier one), and the
+    config files as given (a run is named after the last one)."""
+    out, given, i = [], [], 0
+    while i < len(args):
+        if args[i] in ("--config", "-c") and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        elif args[i].startswith("--config="):
+            value, i = args[i].split("=", 1)[1], i + 1
+        else:
+            out.append(args[i])
+            i += 1
+            continue
+        given.append(Path(value))
+        out += [f"--config={part}" for part in _config_parts(Path(value))]
+    return out, given
+
+
 def _without_ckpt_path(args: list[str]) -> list[str]:
     """`args` less any ``--ckpt_path X`` / ``--ckpt_path=X``."""
     out, skip = [], False
@@ -131,10 +179,11 @@ class TTTMetaCLI(LightningCLI):
 
     Args:
         command_args: the subcommand's arguments as the user gave them (for the commands printed after a fit).
+        config_files: the config files the user gave, before composition (the run's default name is the last's).
     """
 
-    def __init__(self, *args, command_args: list[str] = (), **kwargs):
-        self.command_args = list(command_args)
+    def __init__(self, *args, command_args: list[str] = (), config_files: list[Path] = (), **kwargs):
+        self.command_args, self.config_files = list(command_args), list(config_files)
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -155,13 +204,13 @@ class TTTMetaCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Nothing: the config defines the model and the checkpoint gives its weights. (Lightning would rebuild the
         model from the checkpoint's settings, silently replacing the configured ones.) ``_check_inputs`` checks
-        the checkpoint against the model once it is built."""
+        the checkpoint against the model once it is built (``TTTMetaCLI.check_inputs``). Lightning offers no public switch
+        for this, and its own way overrides even the options given on the command line, silently."""
 
     def before_instantiate_classes(self) -> None:
         """Name the run, resolve ``--ckpt_path last``, and pick its version N (a new one, or the resumed one)."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        configs = [Path(str(c)) for c in (cfg.get("config") or [])]
-        name = cfg.run_name or (configs[-1].stem if configs else "run")
+        name = cfg.run_name or (self.config_files[-1].stem if self.config_files else "run")
         cfg.run_name = name
         logs, checkpoints = Path("logs") / name, Path("checkpoints") / name
         if cfg.get("ckpt_path") == "last":
@@ -196,23 +245,18 @@ class TTTMetaCLI(LightningCLI):
                 raise error.__cause__ from None
             raise
 
-    def _check_inputs(self, stage: str) -> None:
-        """Data, episodes, model and checkpoint checked before the trainer runs or writes anything."""
+    def check_inputs(self) -> None:
+        """The model/data contract, checked once per run before the trainer writes anything (Lightning's own
+        set-up creates the log folder before any hook could): the ``--ckpt_path`` to load against the configured
+        model, then the data (loaded once, ``EpisodeDataModule.prepare_data``) against the model
+        (``EpisodicLearner.check_data``)."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path is not None and ckpt_path not in LIGHTNING_CKPT_NAMES:
             check_checkpoint(ckpt_path, self.model)
         self.datamodule.prepare_data()
-        self.datamodule.setup(stage)
         self.model.check_data(self.datamodule)
 
-    def before_fit(self) -> None:
-        self._check_inputs("fit")
-
-    def before_validate(self) -> None:
-        self._check_inputs("validate")
-
-    def before_test(self) -> None:
-        self._check_inputs("test")
+    before_fit = before_validate = before_test = check_inputs
 
     def after_fit(self) -> None:
         """What the run left and what to do next: best and last checkpoints, the test command, TensorBoard."""
@@ -252,16 +296,19 @@ def main(args: list[str] | None = None, run: bool = True):
     parser_kwargs = {"prog": PROGRAM, "description": HELP.split("\n")[2]}
     if run:
         parser_kwargs.update({sub: {"prog": f"{PROGRAM} {sub}"} for sub in TTTMetaCLI.subcommands()})
+    parsed, config_files = composed(argv)
     try:
         return TTTMetaCLI(
             EpisodicLearner, EpisodeDataModule, subclass_mode_model=True, seed_everything_default=0,
-            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")], "max_epochs": 20,
+            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), TestReport()],
+                              "max_epochs": 20,
                               "gradient_clip_val": 1.0, "log_every_n_steps": 25,
                               "use_distributed_sampler": False,  # the data module shards episodes by rank itself
                               "plugins": {"class_path": "ttt_meta.checkpointing.AtomicCheckpointIO"}},
             save_config_callback=ConfigLogger, save_config_kwargs={"overwrite": True}, parser_class=ArgumentParser,
             parser_kwargs=parser_kwargs,
-            args=args, run=run, auto_configure_optimizers=False, command_args=argv[1:] if run else argv)
+            args=parsed, run=run, auto_configure_optimizers=False, command_args=argv[1:] if run else argv,
+            config_files=config_files)
     except SIGTERMException as stop:  # SIGTERM or SIGINT in fit: LastCheckpoint saved and noted it
         if not hasattr(stop, "saved"):
             raise

@@ -1,5 +1,6 @@
-"""TensorBoard views of test-time learning: ``InnerLoopMonitor`` (scalars, histograms, figures) and
-``ConfigLogger`` (the resolved config as hyperparameters and as text).
+"""What a run shows: TensorBoard views of test-time learning, ``InnerLoopMonitor`` (scalars, histograms,
+figures) and ``ConfigLogger`` (the resolved config as hyperparameters and as text), and the test report,
+``TestReport`` (``test_results.json``).
 
 Tags (``<layer>`` is e.g. ``blocks.0.core``):
     ttt/<layer>/inner_loss_before, _after, _ratio   inner loss of the support tokens under W0 / the final state
@@ -15,6 +16,9 @@ Tags (``<layer>`` is e.g. ``blocks.0.core``):
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -97,6 +101,40 @@ class InnerLoopMonitor(L.Callback):
         if "test/acc" in trainer.callback_metrics:
             for logger in trainer.loggers:
                 logger.log_metrics({"hp/test_acc": float(trainer.callback_metrics["test/acc"])}, trainer.global_step)
+
+
+class TestReport(L.Callback):
+    """After a test, ``test_results.json`` in the run's log folder: the mean accuracy over the fixed test
+    episodes and its 95% interval (``EpisodicLearner.test_result``), the episodes each process scored (each
+    episode counted once), the model with its settings, the checkpoint, and the episodes' spec; written by
+    process 0, which also prints the accuracy line."""
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.episodes_here = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.episodes_here += len(batch["query_labels"])
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:  # collective calls: every process makes them
+        count = torch.tensor(self.episodes_here, device=pl_module.device)
+        self.episodes_per_process = pl_module.all_gather(count).flatten().tolist()
+        self.log_dir = Path(trainer.log_dir or ".")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        result, dm = pl_module.test_result, trainer.datamodule
+        report = {**result, "episodes_per_process": self.episodes_per_process, "model": type(pl_module).__name__,
+                  "hparams": dict(pl_module.hparams), "ckpt_path": trainer.ckpt_path}
+        spec = getattr(dm, "eval_spec", None)
+        if spec is not None:
+            report.update(ways=spec.ways, shots=spec.shots, queries=spec.queries, dataset=dm.hparams.dataset,
+                          test_seed=dm.hparams.test_seed)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.log_dir / "test_results.json"
+        path.write_text(json.dumps(report, indent=1, default=str))
+        print(f"\ntest accuracy {100 * result['acc']:.2f} +- {100 * result['ci95']:.2f}% (95% CI, "
+              f"{result['episodes']} episodes) -> {path}")
 
 
 def episode_figure(episode: dict, probs: torch.Tensor, columns: int = 10):

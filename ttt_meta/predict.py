@@ -62,16 +62,6 @@ def read_image(path: Path, channels: int, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def check_ways(model, ways: int) -> None:
-    hp = model.hparams
-    if "max_ways" in hp and ways > hp["max_ways"]:
-        raise UserError(f"--support has {ways} classes but this model was trained for at most {hp['max_ways']}. "
-                        f"Use at most {hp['max_ways']} class folders")
-    if "max_ways" not in hp and "ways" in hp and ways != hp["ways"]:
-        raise UserError(f"--support has {ways} classes but this model's head has exactly {hp['ways']} (MAML). "
-                        f"Use {hp['ways']} class folders")
-
-
 def episode(model, support: Path, query: Path) -> tuple[dict, list[str], list[Path], list]:
     """(batch of one episode in `model`'s input format, class names, query files, true class index per query or
     None)."""
@@ -82,7 +72,10 @@ def episode(model, support: Path, query: Path) -> tuple[dict, list[str], list[Pa
     if len(classes) < 2:
         raise UserError(f"--support {support} needs one sub-folder per class, at least 2; found {len(classes)}. "
                         f"Put each class's images in a sub-folder named after the class")
-    check_ways(model, len(classes))  # before any image is read
+    fewest, most = model.ways_served()  # the model's side of the contract, checked before any image is read
+    if len(classes) < fewest or (most is not None and len(classes) > most):
+        raise UserError(f"--support has {len(classes)} classes but this {type(model).__name__} serves "
+                        f"{model.ways_text()}. Use {model.ways_text().removesuffix(' ways')} class folders")
     shots = [(path, c) for c, name in enumerate(classes) for path in image_files(support / name, "support class")]
     sub = sorted(p for p in query.iterdir() if p.is_dir())
     if sub:

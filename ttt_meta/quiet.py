@@ -5,8 +5,9 @@ own runs only; importing ttt_meta changes no global filter.
   ``learn2learn()`` imports it with that banner swallowed (MAML, Meta-SGD and the downloads only need it).
 - Lightning's litlogger tip, torch's ``LeafSpec`` deprecation (raised inside Lightning), Lightning's warnings about
   an IterableDataset with ``__len__`` (ours shards itself by worker, ``data.datamodule.TrainEpisodes``) and about
-  a mid-epoch resume (ours resumes through the data module's state): ``silence_library_notices()``, which the CLI
-  calls.
+  a mid-epoch resume (ours resumes through the data module's state), and LightningCLI's note that it was given
+  both ``args`` and a command line (``cli.main`` passes the command line after composing its config files):
+  ``silence_library_notices()``, which the CLI calls.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ LIBRARY_WARNINGS = [
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
     (r"Your `IterableDataset` has `__len__` defined", r"lightning\.pytorch\.utilities\.data"),
     (r"You're resuming from a checkpoint that ended before the epoch ended", r"lightning\.pytorch\..*"),
+    # our main() hands LightningCLI the arguments after composing the config files (cli.composed)
+    (r"LightningCLI's args parameter is intended to run from within Python", r"lightning\.pytorch\.cli"),
 ]
 # (logger, message substring) of informational log lines
 LIBRARY_LOG_LINES = [("lightning.pytorch.utilities.rank_zero", "litlogger")]

@@ -1,14 +1,14 @@
-"""EpisodicLearner: what every few-shot learner shares (loss, metrics, the test report, the optimiser).
+"""EpisodicLearner: what every few-shot learner shares (loss, metrics, the model/data contract, the optimiser).
 
 A subclass implements ``forward(batch) -> logits [B, N*Q, N]`` for a batch of episodes (see
-``ttt_meta.data.episodes``); images arrive as uint8 and ``images()`` turns them into floats in [0, 1].
+``ttt_meta.data.episodes``); images arrive as uint8 and ``images()`` turns them into floats in [0, 1]. It
+declares the episodes it can score with ``ways_served()``; ``check_data`` (once per run) and ``predict`` hold
+data and folders of images to that.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -42,21 +42,37 @@ class EpisodicLearner(L.LightningModule):
         self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
 
+    def ways_served(self) -> tuple[int, int | None]:
+        """(fewest, most) ways of the episodes this learner can score; most None: any number."""
+        return 2, None
+
+    def ways_text(self) -> str:
+        """``ways_served()`` in words: "exactly 5 ways", "at most 20 ways", "any number of ways"."""
+        fewest, most = self.ways_served()
+        return "any number of ways" if most is None else f"exactly {most} ways" if fewest == most else \
+            f"at most {most} ways"
+
+    ways_fix = ""  # how to make the model serve more ways (the message's last sentence)
+
     def check_data(self, datamodule) -> None:
-        """Raise a clear ValueError when this model cannot serve the data module's episodes (subclasses add
-        their own checks): the images must have the model's in_channels and image_size."""
-        shape, hp = getattr(datamodule, "image_shape", None), self.hparams
-        if getattr(getattr(datamodule, "hparams", None), "label_space", None) and not self.reads_label_ids:
+        """The model/data contract: a UserError naming the options to change when the data module's images do not
+        have this model's shape (in_channels, image_size), its episodes (data.ways, data.eval_ways) or label ids
+        (data.label_space) ask for ways the model does not serve, or it draws label ids for a model that reads none."""
+        hp, label_space = self.hparams, datamodule.hparams.label_space
+        if label_space and not self.reads_label_ids:
             raise UserError(f"data.label_space has no effect on {type(self).__name__} (its classes have no label "
                             f"ids). Remove data.label_space")
-        if shape is not None and "image_size" in hp and shape != (hp.in_channels, hp.image_size, hp.image_size):
+        shape = datamodule.image_shape
+        if shape is not None and shape != (hp.in_channels, hp.image_size, hp.image_size):
             raise UserError(f"the data gives {shape[0]}x{shape[1]}x{shape[2]} images but the model reads "
                              f"{hp.in_channels}x{hp.image_size}x{hp.image_size}. Set model.init_args.in_channels: "
                              f"{shape[0]} and model.init_args.image_size: {shape[1]} (or data.image_size)")
-
-    def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.trainer.datamodule is not None:
-            self.check_data(self.trainer.datamodule)
+        fewest, most = self.ways_served()
+        asked = sorted({datamodule.train_spec.ways, datamodule.eval_spec.ways, label_space or 0} - {0})
+        if any(ways < fewest or (most is not None and ways > most) for ways in asked):
+            raise UserError(f"the data asks for {'- and '.join(map(str, asked))}-way episodes or label ids "
+                            f"(data.ways, data.eval_ways, data.label_space) but this {type(self).__name__} serves "
+                            f"{self.ways_text()}. {self.ways_fix}")
 
     def record_inner_loop(self, on: bool) -> None:
         """Keep (on) or stop keeping what the next forwards' test-time adaptation did, for inner_loop_stats."""
@@ -100,37 +116,17 @@ class EpisodicLearner(L.LightningModule):
         self.log("val/loss", self.val_loss, on_epoch=True, batch_size=len(acc))
         self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=len(acc))
 
-    def on_test_epoch_start(self) -> None:
-        self.test_episodes_here = 0  # this process's share, reported per process
-
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        _, acc = self.loss_and_accuracy(batch)
-        self.test_acc.update(acc)
-        self.test_episodes_here += len(acc)
+        self.test_acc.update(self.loss_and_accuracy(batch)[1])
 
     def on_test_epoch_end(self) -> None:
-        acc = self.test_acc.compute().float().flatten()  # every process's episodes, each once
+        """test/acc, test/ci95 and test/episodes over every process's episodes, each once; also kept as
+        ``test_result`` for the report (``inspection.TestReport``)."""
+        acc = self.test_acc.compute().float().flatten()
         self.test_acc.reset()
-        per_process = self.all_gather(torch.tensor(self.test_episodes_here, device=self.device)).flatten().tolist()
         mean, ci = confidence_interval(acc)
+        self.test_result = {"acc": mean, "ci95": ci, "episodes": acc.numel()}
         self.log_dict({"test/acc": mean, "test/ci95": ci, "test/episodes": float(acc.numel())}, sync_dist=False)
-        log_dir = Path(self.trainer.log_dir or ".")  # a collective call under DDP: every process asks
-        if self.trainer.is_global_zero:
-            self.write_test_report(log_dir, mean, ci, acc.numel(), per_process)
-
-    def write_test_report(self, log_dir: Path, mean: float, ci: float, episodes: int, per_process: list[int]) -> None:
-        dm = self.trainer.datamodule
-        spec = getattr(dm, "eval_spec", None)
-        report = {"acc": mean, "ci95": ci, "episodes": episodes, "episodes_per_process": per_process,
-                  "model": type(self).__name__,
-                  "hparams": dict(self.hparams), "ckpt_path": self.trainer.ckpt_path}
-        if spec is not None:
-            report.update(ways=spec.ways, shots=spec.shots, queries=spec.queries, dataset=dm.hparams.dataset,
-                          test_seed=dm.hparams.test_seed)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / "test_results.json"
-        path.write_text(json.dumps(report, indent=1, default=str))
-        print(f"\ntest accuracy {100 * mean:.2f} +- {100 * ci:.2f}% (95% CI, {episodes} episodes) -> {path}")
 
     def configure_optimizers(self):
         hp = self.hparams

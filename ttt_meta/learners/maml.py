@@ -47,12 +47,11 @@ class MAMLLearner(EpisodicLearner):
         self.maml = algo(net, lr=inner_lr, first_order=first_order)
         self.record, self.support_losses = False, []  # (before, after) adaptation, per episode, when recording
 
-    def check_data(self, datamodule) -> None:
-        super().check_data(datamodule)
-        ways = {datamodule.train_spec.ways, datamodule.eval_spec.ways}
-        if ways != {self.hparams.ways}:
-            raise UserError(f"the data asks for {sorted(ways)}-way episodes but this MAML head has "
-                             f"{self.hparams.ways} ways. Set model.init_args.ways to the data's ways")
+    ways_fix = "Set model.init_args.ways to the data's ways (data.ways, data.eval_ways)"
+
+    def ways_served(self) -> tuple[int, int]:
+        """Exactly the rows of the head."""
+        return self.hparams.ways, self.hparams.ways
 
     def adapt(self, support: Tensor, labels: Tensor, steps: int) -> nn.Module:
         """A clone of the meta-model after `steps` gradient steps on one episode's support loss."""

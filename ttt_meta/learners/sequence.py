@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import UserError
 from ..nn.encoders import make_encoder
 from ..nn.model import EpisodeSequenceModel
 from ..nn.ttt import TTTLayer
@@ -41,14 +40,11 @@ class SequenceMetaLearner(EpisodicLearner):
             share_qk=share_qk, form=form)
 
     reads_label_ids = True
+    ways_fix = "Raise model.init_args.max_ways (a checkpoint cannot grow it)"
 
-    def check_data(self, datamodule) -> None:
-        super().check_data(datamodule)
-        ways = getattr(datamodule, "max_ways", 0)
-        if ways > self.hparams.max_ways:
-            raise UserError(f"the data asks for {ways}-way episodes or label ids (data.ways, eval_ways, label_space) "
-                             f"but model.max_ways is {self.hparams.max_ways}. Raise model.init_args.max_ways "
-                            f"(a checkpoint cannot grow it)")
+    def ways_served(self) -> tuple[int, int]:
+        """Up to max_ways: the rows of the label embedding and the head."""
+        return 2, self.hparams.max_ways
 
     def ttt_layers(self) -> list[tuple[str, TTTLayer]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, TTTLayer)]
