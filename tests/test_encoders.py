@@ -1,9 +1,9 @@
-"""Encoders: Conv4's folded inference path is the same function as its module path."""
+"""Encoders: Conv4's folded inference path is the same function as its module path; ResNet-12."""
 
 import pytest
 import torch
 
-from ttt_meta.nn.encoders import Conv4
+from ttt_meta.nn.encoders import Conv4, make_encoder
 
 
 @pytest.mark.parametrize("size, channels", [(28, 1), (84, 3)])
@@ -29,3 +29,12 @@ def test_conv4_folded_inference_equals_modules(size, channels):
     enc.train()
     with torch.no_grad():
         assert not torch.allclose(enc(x), want)  # training mode normalises with the batch's statistics
+
+
+@pytest.mark.parametrize("size", [84, 32])
+def test_resnet12(size):
+    encoder = make_encoder("resnet12", 3, 4, size)
+    assert encoder.out_features == 40  # widths 4, 10, 20, 40
+    assert encoder(torch.rand(2, 3, size, size)).shape == (2, 40)
+    per_task = make_encoder("resnet12", 3, 4, size, batch_stats=True)
+    assert not any(name.endswith("running_mean") for name, _ in per_task.named_buffers())

@@ -1,7 +1,11 @@
-"""Episodes: shapes, labels, class purity, fixed evaluation sets, independent training streams, rotations."""
+"""Episodes: shapes, labels, class purity, fixed evaluation sets, independent training streams, rotations;
+the data module on synthetic glyphs, Omniglot and a miniImageNet fixture (with augmentation)."""
+
+from pathlib import Path
 
 import pytest
 import torch
+from fixtures import write_pickles
 
 from ttt_meta.data.datamodule import EpisodeDataModule, FixedEpisodes, TrainEpisodes
 from ttt_meta.data.episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
@@ -112,3 +116,42 @@ def test_loader_workers_draw_different_episodes_every_epoch():
     seen = [dm.on_after_batch_transfer(b, 0)["support"] for _ in range(2) for b in loader]  # 2 epochs, consumed
     assert len(seen) == 8
     assert len({x.numpy().tobytes() for x in seen}) == 8  # no batch repeats across workers or epochs
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+def datamodule(root: Path, cache: Path, **options) -> EpisodeDataModule:
+    dm = EpisodeDataModule(dataset="miniimagenet", root=str(root), cache_dir=str(cache), ways=5, shots=1, queries=2,
+                           meta_batch_size=3, train_batches_per_epoch=2, val_episodes=4, eval_batch_size=4, **options)
+    dm.setup("fit")
+    return dm
+
+
+def test_episodes_from_miniimagenet(tmp_path, cache):
+    dm = datamodule(write_pickles(tmp_path / "miniimagenet").parent, cache)
+    assert dm.hparams.image_size == 84 and dm.hparams.rotations is False and dm.image_shape == (3, 84, 84)
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["support"].shape == (3, 5, 3, 84, 84) and batch["query"].shape == (3, 10, 3, 84, 84)
+    assert batch["support"].dtype == torch.uint8 and sorted(batch["support_labels"][0].tolist()) == list(range(5))
+    val = next(iter(dm.val_dataloader()))
+    assert val["support"].shape == (4, 5, 3, 84, 84)
+
+
+def test_augmented_training_stream(tmp_path, cache):
+    """Augmentation changes the training images, is the same for the same seed, and leaves validation alone."""
+    root = write_pickles(tmp_path / "miniimagenet").parent
+    torch.manual_seed(0)
+    plain = next(iter(datamodule(root, cache).train_dataloader()))
+    streams = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        dm = datamodule(root, cache, augment=True)
+        streams.append(next(iter(dm.train_dataloader())))
+    assert torch.equal(plain["support_labels"], streams[0]["support_labels"])  # the same episodes...
+    assert not torch.equal(plain["support"], streams[0]["support"])  # ...augmented
+    assert all(torch.equal(streams[0][k], streams[1][k]) for k in ("support", "query"))
+    val = next(iter(dm.val_dataloader()))
+    assert torch.equal(val["support"], next(iter(datamodule(root, cache).val_dataloader()))["support"])

@@ -12,9 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from ..errors import UserError
 from .augment import augment
 from .episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
-
-# name -> (native image size, 90-degree rotations as new training classes by default)
-DATASETS = {"omniglot": (28, True), "synthetic": (28, True), "miniimagenet": (84, False), "cifarfs": (32, False)}
+from .registry import DATASETS
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -81,7 +79,8 @@ class EpisodeDataModule(L.LightningDataModule):
     """Few-shot episodes from Omniglot, miniImageNet, CIFAR-FS or the synthetic glyph set.
 
     Args:
-        dataset: "omniglot", "miniimagenet", "cifarfs" or "synthetic".
+        dataset: "omniglot", "miniimagenet", "cifarfs" or "synthetic" (the names in
+            ``ttt_meta.data.registry.DATASETS``, which gives each its loader and defaults).
         root: data root holding a folder per data set: ``omniglot/omniglot-py``, ``miniimagenet/`` (learn2learn's
             pickles, or images/ plus train/val/test.csv), ``cifarfs/`` (learn2learn's layout); default
             $TTT_META_DATA, then ./data. Never written to, except by a download you allow.
@@ -95,14 +94,15 @@ class EpisodeDataModule(L.LightningDataModule):
         val_episodes, test_episodes: sizes of the fixed validation set and of the seeded test set.
         eval_batch_size: episodes per validation/test batch.
         rotations: 90-degree rotations as new classes for training (Omniglot's standard augmentation); default
-            on for omniglot and synthetic, off for the natural images.
+            the data set's own (``registry.DATASETS``): on for omniglot and synthetic, off for the natural
+            images.
         augment: random crop with padding, horizontal flip and colour jitter of every training image (the
             standard augmentation of miniImageNet and CIFAR-FS; ``ttt_meta.data.augment``).
         label_space: give the N classes of each training episode N distinct label ids drawn from
             [0, label_space) instead of 0..N-1 (sequence learners), so every label embedding and head row of a
             model with max_ways = label_space is trained and it can be evaluated at up to that many ways.
-        image_size: images are square of this side; default the data set's own (Omniglot 28, miniImageNet 84,
-            CIFAR-FS 32, synthetic 28).
+        image_size: images are square of this side; default the data set's own (``registry.DATASETS``:
+            Omniglot 28, miniImageNet 84, CIFAR-FS 32, synthetic 28).
         val_seed, test_seed: seeds of the fixed validation and test episodes (independent of the run's seed).
         num_workers: loader workers for the training stream (0: sample in the main process, fastest here).
     """
@@ -118,9 +118,9 @@ class EpisodeDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise UserError(f"unknown data.dataset {dataset!r}. Set it to one of {tuple(DATASETS)}")
-        native_size, native_rotations = DATASETS[dataset]
-        image_size = native_size if image_size is None else image_size
-        rotations = native_rotations if rotations is None else rotations
+        entry = DATASETS[dataset]
+        image_size = entry.image_size if image_size is None else image_size
+        rotations = entry.rotations if rotations is None else rotations
         for name, value in [("meta_batch_size", meta_batch_size), ("train_batches_per_epoch", train_batches_per_epoch),
                             ("val_episodes", val_episodes), ("test_episodes", test_episodes),
                             ("eval_batch_size", eval_batch_size), ("image_size", image_size)]:
@@ -147,31 +147,17 @@ class EpisodeDataModule(L.LightningDataModule):
         return None if self.splits is None else tuple(self.splits["train"].images.shape[2:])
 
     def prepare_data(self) -> None:
-        """Download if allowed, decode once and fill the cache; the splits are kept for this process's setup."""
+        """Download if allowed, decode once and fill the cache, and check that the splits can give the episodes;
+        the splits are kept for this process's setup (the CLI calls this before the trainer writes anything)."""
         if self.splits is None:
-            self.splits = self._load()
-
-    def _load(self) -> dict[str, ClassImages]:
-        hp = self.hparams
-        if hp.dataset == "synthetic":
-            from .synthetic import load_synthetic
-            return load_synthetic(image_size=hp.image_size)
-        root, options = resolve_root(hp.root), dict(download=hp.download, cache_dir=hp.cache_dir, image_size=hp.image_size)
-        if hp.dataset == "omniglot":
-            from .omniglot import load_omniglot
-            return load_omniglot(root / "omniglot", **options)
-        if hp.dataset == "miniimagenet":
-            from .miniimagenet import load_miniimagenet
-            return load_miniimagenet(root, **options)
-        from .cifarfs import load_cifarfs
-        return load_cifarfs(root, **options)
+            hp = self.hparams
+            splits = DATASETS[hp.dataset].load(resolve_root(hp.root), hp.download, hp.cache_dir, hp.image_size)
+            for split, spec in [("train", self.train_spec), ("val", self.eval_spec), ("test", self.eval_spec)]:
+                spec.check(*splits[split].images.shape[:2], split)
+            self.splits = splits
 
     def setup(self, stage: str) -> None:
-        if self.splits is None:
-            self.splits = self._load()
-        for split, spec in [("train", self.train_spec), ("val", self.eval_spec), ("test", self.eval_spec)]:
-            C, S = self.splits[split].images.shape[:2]
-            spec.check(C, S, split)
+        self.prepare_data()  # a no-op when this process prepared it (Lightning prepares on one process per node)
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -21,6 +21,7 @@ from torch import Tensor
 from ..errors import UserError
 
 ROTATIONS = 4  # 0, 90, 180, 270 degrees: each rotation of a class is a class of its own (training only)
+SPLITS = ("train", "val", "test")  # the splits every data set has: disjoint classes for training, validation, test
 
 
 @dataclass(frozen=True)

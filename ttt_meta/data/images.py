@@ -112,14 +112,24 @@ def check_disjoint(names: dict[str, list[str]], where: str) -> None:
             seen[name] = split
 
 
+def decoding(mode: str, invert: bool) -> str:
+    """How files become pixels (`decode_all`, then 255 - pixels if `invert`), as part of a cache fingerprint.
+
+    Changing the decoding must change this text ("v1" -> "v2"), so that old caches are rebuilt.
+    """
+    return f"v1: convert {mode}, resize LANCZOS" + (", invert" if invert else "")
+
+
 def load_class_files(files: dict[str, dict[str, list[str]]], image_size: int, mode: str,
-                     cache_dir: str | os.PathLike | None, dataset: str, decoding: str, repair: str
+                     cache_dir: str | os.PathLike | None, dataset: str, repair: str, invert: bool = False
                      ) -> dict[str, ClassImages]:
     """Decode (or read from the cache) splits given as {split: {class name: image paths}}.
 
     Every class must have the same number S of images. Returns {split: ClassImages} with images uint8
-    [classes, S, channels, image_size, image_size] (views into one cached tensor, classes in the given order).
-    The cache file is named after `dataset`; `decoding` (how files become pixels) is part of its fingerprint.
+    [classes, S, channels, image_size, image_size] (views into one memory-mapped cached tensor, classes in the
+    given order): each file converted to PIL `mode` and resized as `decode_all` does, then with `invert`
+    255 - pixels (dark strokes on white become bright strokes on black). The cache file is named after
+    `dataset`; the decoding (`decoding`) is part of its fingerprint.
     """
     where = f"the {dataset} data"
     check_disjoint({split: list(by_class) for split, by_class in files.items()}, where)  # before any decoding
@@ -136,13 +146,18 @@ def load_class_files(files: dict[str, dict[str, list[str]]], image_size: int, mo
                          f"needs the same number: {repair}")
     per_class = counts.pop()
     names = [f"{split}/{name}" for split, by_class in files.items() for name in by_class]
-    key = fingerprint(f"{decoding}\n{image_size}\n", (
+    key = fingerprint(f"{decoding(mode, invert)}\n{image_size}\n", (
         (f"{split}/{name}/{os.path.basename(p)}", p)
         for split, by_class in files.items() for name, class_files in by_class.items() for p in class_files))
     path = cache_folder(cache_dir) / f"{dataset.lower().replace('-', '')}_{image_size}px_{key[:16]}.pt"
     channels = 1 if mode == "L" else 3
     shape = (len(names), per_class, channels, image_size, image_size)
-    decoded = cached(path, key, names, shape, lambda: decode_all(paths, image_size, mode, repair), dataset)
+
+    def build() -> Tensor:
+        pixels = decode_all(paths, image_size, mode, repair)
+        return 255 - pixels if invert else pixels
+
+    decoded = cached(path, key, names, shape, build, dataset)
     splits, start = {}, 0
     for split, by_class in files.items():
         splits[split] = ClassImages(decoded[start:start + len(by_class)], list(by_class))

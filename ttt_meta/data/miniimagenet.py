@@ -19,15 +19,12 @@ import torch
 from ..errors import MissingInput, UserError
 from ..quiet import learn2learn
 from . import images
-from .episodes import ClassImages
+from .episodes import SPLITS, ClassImages
+from .registry import image_size_or_native
 
-SPLITS = ("train", "val", "test")
 PICKLES = {"train": "mini-imagenet-cache-train.pkl", "val": "mini-imagenet-cache-validation.pkl",
            "test": "mini-imagenet-cache-test.pkl"}
 CSVS = {split: f"{split}.csv" for split in SPLITS}
-NATIVE_SIZE = 84
-# Part of the cache fingerprint, so that changing how images are decoded invalidates old caches.
-_DECODING = "v1: convert RGB, resize LANCZOS"
 _LAYOUTS = ("learn2learn's pickles mini-imagenet-cache-{train,validation,test}.pkl (set data.download: true to "
             "fetch them through learn2learn), or Ravi & Larochelle's layout: images/ holding the JPEGs plus "
             "train.csv, val.csv and test.csv (filename,label; the CSVs are in github.com/twitter/meta-learning-lstm "
@@ -35,14 +32,16 @@ _LAYOUTS = ("learn2learn's pickles mini-imagenet-cache-{train,validation,test}.p
 
 
 def load_miniimagenet(root: str | os.PathLike, download: bool = False, cache_dir: str | os.PathLike | None = None,
-                      image_size: int = NATIVE_SIZE) -> dict[str, ClassImages]:
+                      image_size: int | None = None) -> dict[str, ClassImages]:
     """miniImageNet splits {"train", "val", "test"}: images uint8 [C, 600, 3, image_size, image_size].
 
     The data is read from ``root/miniimagenet`` (or from ``root`` itself when it holds one of the layouts).
     Classes are sorted by name; a class's images keep their order in the pickle or CSV. Images other than
-    84x84 are produced from the pickles by antialiased bilinear resizing, from the JPEGs by LANCZOS.
+    84x84 (the native size, the default) are produced from the pickles by antialiased bilinear resizing, from
+    the JPEGs by LANCZOS.
     ``download`` fetches the pickles into ``root/miniimagenet`` with learn2learn when no layout is found.
     """
+    image_size = image_size_or_native("miniimagenet", image_size)
     folder = _find(Path(root), download)
     if not any((folder / name).exists() for name in PICKLES.values()):
         return _read_folder(folder, image_size, cache_dir)  # checks the splits are disjoint before decoding
@@ -146,5 +145,5 @@ def _read_folder(folder: Path, image_size: int, cache_dir) -> dict[str, ClassIma
         for name, label in _read_csv(folder / CSVS[split]):
             by_class.setdefault(label, []).append(str(folder / "images" / name))
         files[split] = dict(sorted(by_class.items()))
-    return images.load_class_files(files, image_size, "RGB", cache_dir, "miniImageNet", _DECODING,
+    return images.load_class_files(files, image_size, "RGB", cache_dir, "miniImageNet",
                                    "restore images/ (or fix the CSVs), or download the data set again")

@@ -4,17 +4,15 @@ import json
 import os
 from pathlib import Path
 
-import torch
 import torchvision
 
 from ..errors import MissingInput, UserError
 from . import images
-from .episodes import ClassImages
+from .episodes import SPLITS, ClassImages
+from .registry import image_size_or_native
 
 IMAGES_PER_CHARACTER = 20
 SPLIT_FILE = Path(__file__).with_name("omniglot_split.json")
-# Part of the data fingerprint, so that changing how images are decoded invalidates old caches.
-_DECODING = "v1: convert L, resize LANCZOS, invert"
 _FIND = "Point data.root (or TTT_META_DATA) at the folder that holds omniglot/omniglot-py, or set data.download: true"
 _REPAIR = "restore the files, e.g. delete the omniglot-py folder and load again with data.download: true"
 
@@ -30,7 +28,7 @@ def load_omniglot(
     root: str | os.PathLike,
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    image_size: int = 28,
+    image_size: int | None = None,
     split: dict | None = None,
 ) -> dict[str, ClassImages]:
     """Omniglot splits {"train", "val", "test"}: images uint8 [C, 20, 1, image_size, image_size], strokes 255.
@@ -39,13 +37,14 @@ def load_omniglot(
     split by character, as written in `omniglot_split.json` (1100 / 100 / 423), or as `split` gives
     ({"train": [names], "val": [...], "test": [...]}, names "<Alphabet>/<characterNN>"). Each image is converted
     to mode "L", resized with LANCZOS (like learn2learn; Pillow would use nearest for the mode "1" file), and
-    inverted so that strokes are bright. Decoded images are cached in `cache_dir` (default $TTT_META_CACHE,
-    else ~/.cache/ttt_meta); nothing is ever written into `root` unless `download` fetches the data there.
+    inverted so that strokes are bright. `image_size` defaults to the native 28 (``registry.DATASETS``).
+    Decoded images are cached in `cache_dir` (default $TTT_META_CACHE, else ~/.cache/ttt_meta); nothing is ever
+    written into `root` unless `download` fetches the data there.
     """
     if split is None:
         split = json.loads(SPLIT_FILE.read_text())
     characters = _list_characters(root, download)
-    wanted = [name for key in ("train", "val", "test") for name in split[key]]
+    wanted = [name for key in SPLITS for name in split[key]]
     missing = [name for name in wanted if name not in characters]
     if missing:
         raise MissingInput(
@@ -53,12 +52,9 @@ def load_omniglot(
             f"{os.path.join(root, 'omniglot-py')} (missing e.g. {missing[:3]}); the data set is incomplete: "
             f"{_REPAIR}"
         )
-    decoded = _cached_images(characters, image_size, cache_dir)
-    index = {name: i for i, name in enumerate(characters)}
-    return {
-        key: ClassImages(decoded[[index[name] for name in split[key]]], list(split[key]))
-        for key in ("train", "val", "test")
-    }
+    files = {key: {name: characters[name] for name in split[key]} for key in SPLITS}
+    return images.load_class_files(files, image_size_or_native("omniglot", image_size), "L", cache_dir, "Omniglot",
+                                   _REPAIR, invert=True)
 
 
 def _list_characters(root: str | os.PathLike, download: bool) -> dict[str, list[str]]:
@@ -81,16 +77,3 @@ def _list_characters(root: str | os.PathLike, download: bool) -> dict[str, list[
         )
     return dict(sorted(characters.items()))
 
-
-def _cached_images(
-    characters: dict[str, list[str]], image_size: int, cache_dir: str | os.PathLike | None
-) -> torch.Tensor:
-    """Decoded images uint8 [len(characters), 20, 1, image_size, image_size], from the cache or decoded once."""
-    names = list(characters)
-    key = images.fingerprint(f"{_DECODING}\n{image_size}\n", (
-        (f"{name}/{os.path.basename(p)}", p) for name, paths in characters.items() for p in paths))
-    path = images.cache_folder(cache_dir) / f"omniglot_{image_size}px_{key[:16]}.pt"
-    shape = (len(names), IMAGES_PER_CHARACTER, 1, image_size, image_size)
-    paths = [p for paths in characters.values() for p in paths]
-    return images.cached(path, key, names, shape, lambda: 255 - images.decode_all(paths, image_size, "L", _REPAIR),
-                         "Omniglot")

@@ -1,0 +1,57 @@
+"""The data set registry: the one place a data set is added, and where its defaults come from."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttt_meta.data import registry
+from ttt_meta.data.datamodule import EpisodeDataModule
+from ttt_meta.data.episodes import SPLITS, ClassImages
+from ttt_meta.data.registry import DATASETS, DatasetEntry
+from ttt_meta.data.synthetic import load_synthetic
+
+
+def test_shipped_data_sets_and_their_defaults():
+    assert {name: (entry.image_size, entry.rotations) for name, entry in DATASETS.items()} == {
+        "omniglot": (28, True), "synthetic": (28, True), "miniimagenet": (84, False), "cifarfs": (32, False)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DATASETS["omniglot"].image_size = 32
+
+
+def test_unknown_data_set_names_the_registered_ones():
+    message = "unknown data.dataset 'cifar'. Set it to one of ('omniglot', 'synthetic', 'miniimagenet', 'cifarfs')"
+    with pytest.raises(ValueError) as error:
+        EpisodeDataModule(dataset="cifar")
+    assert str(error.value) == message
+
+
+def test_a_data_set_is_added_in_the_registry_alone(tmp_path, monkeypatch):
+    """An entry in DATASETS is all the data module needs: its defaults, and its loader with the resolved root."""
+    calls = []
+
+    def load(root, download, cache_dir, image_size):
+        calls.append((root, download, cache_dir, image_size))
+        x = torch.zeros(6, 4, 1, image_size, image_size, dtype=torch.uint8)
+        x[:, :, 0, 0, 0] = torch.arange(6).view(6, 1)
+        return {split: ClassImages(x, [f"{split}{c}" for c in range(6)]) for split in SPLITS}
+
+    monkeypatch.setitem(DATASETS, "tiny", DatasetEntry(load, image_size=10, rotations=False))
+    monkeypatch.setenv("TTT_META_DATA", str(tmp_path))
+    dm = EpisodeDataModule(dataset="tiny", cache_dir="somewhere", ways=3, shots=1, queries=1, meta_batch_size=2,
+                           train_batches_per_epoch=1, val_episodes=2, test_episodes=2, eval_batch_size=2)
+    assert dm.hparams.image_size == 10 and dm.hparams.rotations is False
+    dm.setup("fit")
+    assert calls == [(Path(tmp_path), False, "somewhere", 10)]
+    assert dm.image_shape == (1, 10, 10)
+    assert next(iter(dm.train_dataloader()))["support"].shape == (2, 3, 1, 10, 10)
+    assert EpisodeDataModule(dataset="tiny", rotations=True, image_size=12).hparams.image_size == 12
+
+
+def test_loaders_default_to_the_registered_size(monkeypatch):
+    assert load_synthetic((2, 2, 2), samples_per_class=1)["val"].images.shape[-1] == 28
+    monkeypatch.setitem(DATASETS, "synthetic", dataclasses.replace(DATASETS["synthetic"], image_size=12))
+    assert registry.image_size_or_native("synthetic", None) == 12
+    assert registry.image_size_or_native("synthetic", 20) == 20
+    assert load_synthetic((2, 2, 2), samples_per_class=1)["val"].images.shape[-1] == 12
