@@ -195,3 +195,19 @@ def test_signal_saves_and_resumes_bitwise(tmp_path, uninterrupted, signum, at, s
     a, b = _state(uninterrupted), _state(last)
     assert b["global_step"] == a["global_step"] == 10
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_fit_then_test_in_process(tmp_path, monkeypatch):
+    """fit writes the best and last checkpoints and TensorBoard events; test writes the report of the episodes."""
+    from ttt_meta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", QUICK, *TINY, "--trainer.max_epochs=2"])
+    run = tmp_path / "checkpoints" / "quickstart" / "version_0"
+    assert (run / "last.ckpt").is_file() and any(run.glob("best-*.ckpt"))
+    assert list((tmp_path / "logs" / "quickstart").glob("version_0/events.out.tfevents.*"))
+    main(["test", "--config", QUICK, *TINY, "--ckpt_path", str(run / "last.ckpt")])
+    (report,) = (tmp_path / "logs" / "quickstart").glob("version_*/test_results.json")
+    result = json.loads(report.read_text())
+    assert result["episodes"] == 11 and 0 <= result["acc"] <= 1 and 0 < result["ci95"] < 0.5
+    assert result["ways"] == 5 and result["dataset"] == "synthetic"

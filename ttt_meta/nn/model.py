@@ -11,8 +11,8 @@ random ids from [0, max_ways) in training with data.label_space. With random ids
 only in the episodes that draw it; the tied head scores a query against the label embeddings through one shared
 map, which every episode trains (so a model serves many more ways than it saw in one episode).
 
-The label embedding rows start ~N(0, 1), a strong label signal at initialisation (design notes, section 1:
-a weak one kept a prototype at chance).
+The label embedding rows start ~N(0, 1): a strong label signal at initialisation (a weak one kept the model at
+chance in early experiments).
 """
 
 from __future__ import annotations
