@@ -1,5 +1,6 @@
 # make run   : set everything up, then train the quickstart model (CONFIG=... to train another)
 # make test  : set everything up, then run the test suite
+# make bench : set everything up, then measure the layers, test-time episodes and training (results/bench_*)
 # Everything installs into the project's virtual environment .venv (created when missing, from BASE_PYTHON,
 # default python3); PYTHON=/path/to/python installs into and runs with that interpreter instead.
 PYTHON ?= .venv/bin/python
@@ -17,4 +18,6 @@ test: setup
 	$(PYTHON) -m pytest -q
 
 bench: setup
-	$(PYTHON) scripts/bench.py
+	$(PYTHON) scripts/bench_layers.py
+	$(PYTHON) scripts/bench_episodes.py
+	$(PYTHON) scripts/bench_training.py

@@ -15,91 +15,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import peak_tensor_mb  # noqa: E402
-from ttt_meta.cli import main as cli_main  # noqa: E402
+from ttt_meta.cli import set_threads
+from ttt_meta.measure import (environment, evaluate, markdown_table, median_seconds, optimizer_step, peak_tensor_mb,
+                              printed_rows, random_episodes)
+from ttt_meta.runs import build
 
-ENCODERS = {"conv4-32": ["--model.init_args.encoder=conv4", "--model.init_args.encoder_channels=32"],
-            "conv4-64": ["--model.init_args.encoder=conv4", "--model.init_args.encoder_channels=64"],
-            "resnet12": ["--model.init_args.encoder=resnet12", "--model.init_args.encoder_channels=64"]}
+ROOT = Path(__file__).resolve().parents[1]
+ENCODERS = {"conv4-32": ["model.init_args.encoder=conv4", "model.init_args.encoder_channels=32"],
+            "conv4-64": ["model.init_args.encoder=conv4", "model.init_args.encoder_channels=64"],
+            "resnet12": ["model.init_args.encoder=resnet12", "model.init_args.encoder_channels=64"]}
 DATASETS = {"miniimagenet": 84, "cifarfs": 32}
 
 
-def episodes(n: int, ways: int, shots: int, queries: int, size: int, gen: torch.Generator) -> dict:
-    """n random episodes in the data module's batch format (uint8 images)."""
-    def images(k):
-        return torch.randint(0, 256, (n, ways * k, 3, size, size), dtype=torch.uint8, generator=gen)
-
-    def labels(k):
-        return torch.arange(ways).repeat_interleave(k).expand(n, -1).contiguous()
-
-    return {"support": images(shots), "support_labels": labels(shots), "query": images(queries),
-            "query_labels": labels(queries), "ways": ways}
-
-
-def timed(fn, repeats: int, min_seconds: float = 3.0) -> float:
-    """Median seconds of `fn` over at least `repeats` runs and `min_seconds` in all, after one warm-up."""
-    fn()
-    times = []
-    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 100):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def train_peak_mb(step) -> float:
-    """Peak live-tensor memory (MB) of one training step, from the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
-
-
 def measure(dataset: str, setting: str, encoder: str, args) -> dict:
+    """Test and training episodes per second and peak MB of the TTT-Linear model with `encoder`."""
     size = DATASETS[dataset] if not args.quick else 32
-    extra = ENCODERS[encoder] + ([f"--model.init_args.encoder_channels={4 if encoder == 'resnet12' else 8}",
-                                  "--model.init_args.width=16", f"--model.init_args.image_size={size}"]
+    extra = ENCODERS[encoder] + ([f"model.init_args.encoder_channels={4 if encoder == 'resnet12' else 8}",
+                                  "model.init_args.width=16", f"model.init_args.image_size={size}"]
                                  if args.quick else [])
-    cli = cli_main(["--config", str(ROOT / "configs" / dataset / f"ttt_linear_{setting}.yaml"), *extra], run=False)
-    model = cli.model
+    model = build(ROOT / "configs" / dataset / f"ttt_linear_{setting}.yaml", extra).model
     ways, shots, queries = 5, int(setting[2:-1]), 15 if not args.quick else 2
     gen = torch.Generator().manual_seed(0)
-    test_batch = episodes(args.test_episodes, ways, shots, queries, size, gen)
-    train_batch = episodes(args.train_episodes, ways, shots, queries, size, gen)
+    test_batch = random_episodes(args.test_episodes, ways, shots, queries, size, generator=gen)
+    train_batch = random_episodes(args.train_episodes, ways, shots, queries, size, generator=gen)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    min_seconds = 0 if args.quick else 3.0
 
     def test():
-        with torch.inference_mode():
-            model(test_batch)
+        evaluate(model, test_batch)
 
     def train():
-        loss, _ = model.loss_and_accuracy(train_batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(model, optimizer, train_batch)
 
     model.eval()
-    test_s = timed(test, args.repeats, 0 if args.quick else 3.0)
-    test_mb = peak_tensor_mb(model, test_batch)
+    test_s = median_seconds(test, args.repeats, min_seconds)
+    test_mb = peak_tensor_mb(test)
     model.train()
-    train_s = timed(train, args.repeats, 0 if args.quick else 3.0)
-    train_mb = train_peak_mb(train)
+    train_s = median_seconds(train, args.repeats, min_seconds)
+    train_mb = peak_tensor_mb(train)
     return {"dataset": dataset, "image_size": size, "setting": setting, "encoder": encoder,
             "features": model.model.encoder.out_features,
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -112,18 +69,18 @@ def measure(dataset: str, setting: str, encoder: str, args) -> dict:
 def write(rows: list[dict], meta: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_encoders.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"TTT-Linear meta-learner per encoder ({meta['device']}, {meta['threads']} threads, torch "
-             f"{meta['torch']}); 15 queries per class; median of >= {meta['repeats']} runs (>= 3 s) after a warm-up.", "",
-             "| data | setting | encoder | params (M) | test episodes/s | test peak MB | train episodes/s | "
-             "train peak MB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['dataset']} {r['image_size']}px | {r['setting']} | {r['encoder']} | {r['params_M']:.2f} | "
-                     f"{r['test_episodes_per_s']:.2f} | {r['test_peak_mb']:.0f} | {r['train_episodes_per_s']:.3f} | "
-                     f"{r['train_peak_mb']:.0f} |")
-    lines += ["", f"Test: batches of {rows[0]['test_episodes']} episodes under inference_mode. Training: steps of "
-              f"{rows[0]['train_episodes']} episodes (forward, backward, AdamW). Peak MB: live tensors allocated "
-              f"during one batch or step (profiler), weights excluded.", ""]
-    text = "\n".join(lines)
+    header = ["data", "setting", "encoder", "params (M)", "test episodes/s", "test peak MB", "train episodes/s",
+              "train peak MB"]
+    cells = [[f"{r['dataset']} {r['image_size']}px", r["setting"], r["encoder"], f"{r['params_M']:.2f}",
+              f"{r['test_episodes_per_s']:.2f}", f"{r['test_peak_mb']:.0f}", f"{r['train_episodes_per_s']:.3f}",
+              f"{r['train_peak_mb']:.0f}"] for r in rows]
+    text = "\n".join([
+        f"TTT-Linear meta-learner per encoder ({meta['device']}, {meta['threads']} threads, torch {meta['torch']}); "
+        f"15 queries per class; median of >= {meta['repeats']} runs (>= 3 s) after a warm-up.", "",
+        markdown_table(header, cells), "",
+        f"Test: batches of {rows[0]['test_episodes']} episodes under inference_mode. Training: steps of "
+        f"{rows[0]['train_episodes']} episodes (forward, backward, AdamW). Peak MB: live tensors allocated "
+        f"during one batch or step (profiler), weights excluded.", ""])
     (out / "bench_encoders.md").write_text(text)
     return text
 
@@ -139,15 +96,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny models and images: a functional check")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("TTT_META_THREADS", os.cpu_count() or 1)))
-    rows = []
-    for dataset in args.datasets:
-        for setting in args.settings:
-            for encoder in args.encoders:
-                rows.append(measure(dataset, setting, encoder, args))
-                print(json.dumps(rows[-1]), flush=True)
-    meta = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "repeats": args.repeats, "quick": args.quick}
+    set_threads()
+    rows = printed_rows(measure(dataset, setting, encoder, args) for dataset in args.datasets
+                        for setting in args.settings for encoder in args.encoders)
+    env = environment()
+    meta = {"device": env["machine"], "threads": env["threads"], "torch": env["torch"], "repeats": args.repeats,
+            "quick": args.quick}
     print(write(rows, meta, args.out))
     return rows
 

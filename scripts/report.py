@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ttt_meta.measure import markdown_table, pyplot, save_figure
+
 CURVES = ("val/acc", "train/loss_step")
 
 
@@ -65,25 +67,20 @@ def read_run(folder: Path) -> dict:
 
 
 def summary(runs: list[dict]) -> str:
-    lines = ["| run | steps | last val acc % | best val acc % | test acc % (95% CI) | test episodes |",
-             "|---|---|---|---|---|---|"]
+    rows = []
     for r in runs:
         val = r["curves"]["val/acc"]
         steps = max((s for c in r["curves"].values() for s, _ in c), default=0)
-        last = f"{100 * val[-1][1]:.2f}" if val else "-"
-        best = f"{100 * max(v for _, v in val):.2f}" if val else "-"
         t = r["test"]
-        test = f"{100 * t['acc']:.2f} +- {100 * t['ci95']:.2f}" if t else "-"
-        lines.append(f"| {r['name']} | {steps} | {last} | {best} | {test} | {t['episodes'] if t else '-'} |")
-    return "\n".join(lines)
+        rows.append([r["name"], steps, f"{100 * val[-1][1]:.2f}" if val else "-",
+                     f"{100 * max(v for _, v in val):.2f}" if val else "-",
+                     f"{100 * t['acc']:.2f} +- {100 * t['ci95']:.2f}" if t else "-", t["episodes"] if t else "-"])
+    return markdown_table(["run", "steps", "last val acc %", "best val acc %", "test acc % (95% CI)", "test episodes"],
+                          rows)
 
 
 def plots(runs: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5.5 * len(CURVES), 4))
     for ax, tag in zip(axes, CURVES):
         for r in runs:
@@ -93,9 +90,7 @@ def plots(runs: list[dict], out: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel(tag)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "curves.png")
 
     names, accs, errs = [], [], []
     for r in runs:
@@ -112,9 +107,7 @@ def plots(runs: list[dict], out: Path) -> None:
         ax.barh(names, accs, xerr=errs, color="tab:blue")
         ax.set_xlim(max(0.0, min(accs) - 10), 100)
     ax.set_xlabel("accuracy % (95% CI)")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "accuracy.png")
 
 
 def main(argv=None) -> str:

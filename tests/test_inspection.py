@@ -4,7 +4,7 @@ classifies folders of images."""
 import csv
 import io
 import math
-import sys
+import runpy
 from pathlib import Path
 
 import pytest
@@ -62,16 +62,15 @@ def test_tags_written_and_finite(run):
 
 
 def test_report_reads_runs(run, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import report
+    report = runpy.run_path(str(ROOT / "scripts" / "report.py"))  # a script, loaded as a namespace
 
-    table = report.main([str(run / "logs" / "quickstart"), "--out", str(tmp_path)])
+    table = report["main"]([str(run / "logs" / "quickstart"), "--out", str(tmp_path)])
     row = table.splitlines()[2].split("|")
     assert row[1].strip() == "quickstart/version_0" and row[2].strip() == "7" and row[6].strip() == "11"
     for name in ("report.md", "curves.png", "accuracy.png"):
         assert (tmp_path / name).stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="not a run folder"):
-        report.main([str(tmp_path), "--out", str(tmp_path / "x")])
+        report["main"]([str(tmp_path), "--out", str(tmp_path / "x")])
 
 
 def test_maml_support_loss_drops():

@@ -1,60 +1,124 @@
-"""Scripts run end to end at tiny sizes (benchmarks are never timed in tests)."""
+"""Scripts run end to end at tiny sizes (benchmarks are never timed in tests), each on its own; the measurement
+helpers they share (ttt_meta.measure) measure what they say."""
 
+import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from ttt_meta import measure
+
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+SCRIPTS = sorted(p for p in (ROOT / "scripts").iterdir() if p.is_file() and p.name != "setup.sh")
 
 
-def test_bench(tmp_path):
-    import bench
-    rows = bench.main(["--lengths", "8", "20", "--batch", "1", "--width", "8", "--heads", "2", "--mini-batch", "4",
-                       "--repeats", "1", "--min-seconds", "0", "--fit-from", "8",
-                       "--layers", *[name for name in bench.LAYERS if name != "ttt_mlp compiled"], "--models", "ttt_linear", "maml_10",
-                       "--settings", "5w1s", "--episode-batch", "1", "--train-settings", "5w1s", "--train-steps", "1",
-                       "--train-dataset", "synthetic", "--out", str(tmp_path)])
-    layers = [name for name in bench.LAYERS if name != "ttt_mlp compiled"]  # one compiled layer is enough here
-    assert [(r["layer"], r["T"]) for r in rows["layers"]] == [(name, T) for name in layers for T in (8, 20)]
-    assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in rows["layers"])
-    assert [(r["model"], r["adaptation_steps"]) for r in rows["episodes"]] == [("ttt_linear", None), ("maml_10", 10)]
+def script(name: str):
+    """The module of scripts/<name>.py, loaded from its file (scripts/ is no package and not on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HELP_EVERY_SCRIPT = """
+import runpy, sys
+names = [p.rsplit("/", 1)[-1][:-3] for p in sys.argv[1:]]
+failed = []
+for path in sys.argv[1:]:
+    sys.argv = [path, "--help"]
+    try:
+        runpy.run_path(path, run_name="__main__")
+        failed.append((path, "ran without exiting"))
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            failed.append((path, stop.code))
+failed += [(name, "imported as a module") for name in names if name in sys.modules]
+print("FAILED", failed)
+"""
+
+
+def test_every_script_runs_help_on_its_own(tmp_path):
+    """Each script parses --help and exits 0 from any folder, with scripts/ not on sys.path (one process)."""
+    assert len(SCRIPTS) >= 8 and not any(p.name == "bench.py" for p in SCRIPTS)
+    done = subprocess.run([sys.executable, "-c", HELP_EVERY_SCRIPT, *map(str, SCRIPTS)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FAILED []" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("usage:") == len(SCRIPTS)
+
+
+def test_bench_layers(tmp_path):
+    bench_layers = script("bench_layers")
+    layers = [name for name in bench_layers.LAYERS if name != "ttt_mlp compiled"]  # one compiled layer is enough
+    assert len(bench_layers.LAYERS) == 8 and "ttt_linear compiled" in layers and "attention" in layers
+    rows = bench_layers.main(["--lengths", "8", "20", "--batch", "1", "--width", "8", "--heads", "2",
+                              "--mini-batch", "4", "--repeats", "1", "--min-seconds", "0", "--fit-from", "8",
+                              "--layers", *layers, "--out", str(tmp_path)])
+    assert [(r["layer"], r["T"]) for r in rows] == [(name, T) for name in layers for T in (8, 20)]
+    assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    result = json.loads((tmp_path / "bench_layers.json").read_text())
+    assert set(result["summary"]) == set(layers)
+    assert {"ttt_linear primal/dual", "ttt_linear primal/compiled"} <= set(result["speedup over primal"])
+    assert (tmp_path / "bench_layers.png").stat().st_size > 0 and (tmp_path / "bench_layers.md").exists()
+
+
+def test_bench_episodes(tmp_path):
+    bench_episodes = script("bench_episodes")
+    rows = bench_episodes.main(["--models", "ttt_linear", "maml_10", "--settings", "5w1s", "--episode-batch", "1",
+                                "--repeats", "1", "--min-seconds", "0", "--out", str(tmp_path)])
+    assert [(r["model"], r["adaptation_steps"]) for r in rows] == [("ttt_linear", None), ("maml_10", 10)]
+    assert all(r["ms_per_episode"] > 0 for r in rows)
     episodes = json.loads((tmp_path / "bench_episodes.json").read_text())
     assert set(episodes["ratios"]["maml_10 / ttt_linear"]) == {"5w1s"}
-    assert [r["precision"] for r in rows["training"]] == ["32-true", "bf16-mixed"]
-    assert all(r["train_episodes_per_s"] > 0 for r in rows["training"]) and (tmp_path / "bench_training.md").exists()
-    result = json.loads((tmp_path / "bench_layers.json").read_text())
-    assert set(result["summary"]) == set(layers) and {"ttt_linear primal/dual", "ttt_linear primal/compiled"} <= set(result["speedup over primal"])
-    assert (tmp_path / "bench_layers.png").stat().st_size > 0 and (tmp_path / "bench_episodes.png").stat().st_size > 0
+    assert "| **maml_10 / ttt_linear** |" in (tmp_path / "bench_episodes.md").read_text()
+    assert (tmp_path / "bench_episodes.png").stat().st_size > 0
 
 
-def test_bench_context_tiny(tmp_path, monkeypatch):
-    """The context section trains each core with random label ids and scores the whole grid, then rescores."""
-    import bench
+def test_bench_training(tmp_path):
+    bench_training = script("bench_training")
+    rows = bench_training.main(["--train-settings", "5w1s", "--train-steps", "1", "--train-dataset", "synthetic",
+                                "--out", str(tmp_path)])
+    assert [r["precision"] for r in rows] == ["32-true", "bf16-mixed"]
+    assert all(r["train_episodes_per_s"] > 0 for r in rows) and (tmp_path / "bench_training.md").exists()
+    assert json.loads((tmp_path / "bench_training.json").read_text())["rows"] == rows
+
+
+def test_context_scaling_tiny(tmp_path, monkeypatch):
+    """Trains each core with random label ids and scores the whole grid, then rescores from the checkpoints."""
+    context_scaling = script("context_scaling")
     monkeypatch.chdir(tmp_path)
     overrides = ["data.dataset=synthetic", "data.train_batches_per_epoch=2", "data.val_episodes=4",
                  "data.meta_batch_size=2", "model.init_args.width=16", "model.init_args.encoder_channels=4",
                  "trainer.val_check_interval=null"]
-    common = ["--sections", "context", "--context-cores", "ttt_linear", "lstm", "--context-shots", "1", "3",
-              "--context-ways", "5", "8", "--context-queries", "2", "--context-episodes", "3",
-              "--context-max-images", "40", "--context-override", *overrides, "--out", str(tmp_path / "results")]
-    rows = bench.main([*common, "--context-budget-steps", "2"])["context"]
+    common = ["--cores", "ttt_linear", "lstm", "--shots", "1", "3", "--ways", "5", "8", "--queries", "2",
+              "--episodes", "3", "--max-images", "40", "--override", *overrides, "--out", str(tmp_path / "results")]
+    rows = context_scaling.main([*common, "--budget-steps", "2"])
     grid = [(5, 1), (5, 3), (5, 5), (8, 5)]
     assert [(r["model"], r["ways"], r["shots"]) for r in rows] == [(m, *g) for m in ("ttt_linear", "lstm") for g in grid]
     assert all(r["episodes"] == 3 and 0 <= r["acc"] <= 1 and r["train_steps"] == 2 for r in rows)
     ckpt = torch.load(tmp_path / "checkpoints" / "context_ttt_linear" / "version_0" / "last.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["max_ways"] == 8 and ckpt["datamodule_hyper_parameters"]["label_space"] == 8
-    again = bench.main([*common, "--context-from-checkpoints"])["context"]
+    again = context_scaling.main([*common, "--from-checkpoints"])
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]  # the same fixed episodes, the same weights
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / "results" / f"context_scaling{suffix}").stat().st_size > 0
+    meta = json.loads((tmp_path / "results" / "context_scaling.json").read_text())["meta"]
+    assert meta["budget"] == "trained earlier (--from-checkpoints)" and meta["label_space"] == 8
 
 
 def test_compare_tiny(tmp_path, monkeypatch):
-    import compare
+    compare = script("compare")
     monkeypatch.chdir(tmp_path)
+    scored_steps, score = [], compare.score
+
+    def recording_score(model, dm, device):  # MAML's test steps as each row is scored
+        scored_steps.append(getattr(model.hparams, "test_steps", None))
+        return score(model, dm, device)
+
+    monkeypatch.setattr(compare, "score", recording_score)
     overrides = ["data.dataset=synthetic", "data.train_batches_per_epoch=2", "data.val_episodes=4",
                  "data.test_episodes=6", "data.eval_batch_size=3", "data.meta_batch_size=2",
                  "model.init_args.encoder_channels=4", "trainer.val_check_interval=null"]
@@ -62,6 +126,7 @@ def test_compare_tiny(tmp_path, monkeypatch):
                          "--models", "ttt_linear", "lstm", "protonet", "maml", "--override", *overrides,
                          "--out", str(tmp_path / "results")])
     assert [r["model"] for r in rows] == ["ttt_linear", "lstm", "protonet", "maml_1", "maml_5", "maml_10"]
+    assert scored_steps == [None, None, None, 1, 5, 10]
     assert all(r["episodes"] == 6 and r["test_ms_per_episode"] > 0 and r["test_peak_mem_mb"] > 0 for r in rows)
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / "results" / f"compare_synthetic_5w1s{suffix}").stat().st_size > 0
@@ -70,23 +135,69 @@ def test_compare_tiny(tmp_path, monkeypatch):
     assert [(r["model"], r["acc"], r["train_steps"]) for r in again] == [(r["model"], r["acc"], 2) for r in rows[::2][:2]]
 
 
-def test_peak_tensor_memory_counts_live_tensors():
-    import compare
-    import torch
-
-    def model(batch):  # 4 MB, then 8 MB more while the first is still held, then both freed
-        a = torch.ones(2**20)
-        b = torch.ones(2**21)
-        return a.sum() + b.sum()
-
-    peak = compare.peak_tensor_mb(model, {"support": torch.zeros(1)})
-    assert 12 <= peak < 13
-
-
 def test_bench_encoders_quick(tmp_path):
-    import bench_encoders
+    bench_encoders = script("bench_encoders")
     rows = bench_encoders.main(["--quick", "--datasets", "miniimagenet", "--settings", "5w1s", "--repeats", "1",
                                 "--out", str(tmp_path)])
     assert [r["encoder"] for r in rows] == ["conv4-32", "conv4-64", "resnet12"]
     assert all(r["test_episodes_per_s"] > 0 and r["train_episodes_per_s"] > 0 and r["train_peak_mb"] > 0 for r in rows)
     assert "| miniimagenet 32px | 5w1s | resnet12 |" in (tmp_path / "bench_encoders.md").read_text()
+
+
+def test_peak_tensor_memory_counts_live_tensors():
+    def work():  # 4 MB, then 8 MB more while the first is still held, then both freed
+        a = torch.ones(2**20)
+        b = torch.ones(2**21)
+        return a.sum() + b.sum()
+
+    assert 12 <= measure.peak_tensor_mb(work) < 13
+
+    def freed_first():  # 4 MB freed before the 8 MB: the peak is 8 MB
+        torch.ones(2**20).sum()
+        return torch.ones(2**21).sum()
+
+    assert 8 <= measure.peak_tensor_mb(freed_first) < 9
+
+
+def test_median_seconds_warms_up_repeats_and_takes_the_median(monkeypatch):
+    clock = [0.0]  # a fake perf_counter that each call of the work moves on by its duration
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    def work_taking(*durations):
+        left, calls = iter(durations), []
+
+        def work():
+            calls.append(1)
+            clock[0] += next(left)
+
+        return work, calls
+
+    work, calls = work_taking(8.0, 8.0, 0.5, 0.125, 0.25)  # two warm-up calls, then three timed ones
+    assert measure.median_seconds(work, repeats=3, warmup=2) == 0.25 and len(calls) == 5
+    work, calls = work_taking(8.0, *[0.25] * 10)  # one warm-up, then runs until 1 s is timed
+    assert measure.median_seconds(work, repeats=1, min_seconds=1.0) == 0.25 and len(calls) == 1 + 4
+    work, calls = work_taking(*[0.0] * 20)  # ... or max_runs are done
+    assert measure.median_seconds(work, repeats=2, min_seconds=1.0, max_runs=7) == 0.0 and len(calls) == 1 + 7
+
+
+def test_markdown_table():
+    assert measure.markdown_table(["a", "b c"], [[1, "x"], ["-", 2.5]]) == (
+        "| a | b c |\n| --- | --- |\n| 1 | x |\n| - | 2.5 |")
+
+
+def test_random_episodes_are_fixed_and_in_the_batch_format():
+    batch = measure.random_episodes(2, ways=3, shots=2, queries=4, size=8, channels=1)
+    assert batch["support"].shape == (2, 6, 1, 8, 8) and batch["query"].shape == (2, 12, 1, 8, 8)
+    assert batch["support"].dtype == torch.uint8 and batch["ways"] == 3
+    assert batch["support_labels"].tolist() == [[0, 0, 1, 1, 2, 2]] * 2 and batch["query_labels"].shape == (2, 12)
+    again = measure.random_episodes(2, ways=3, shots=2, queries=4, size=8, channels=1)
+    assert torch.equal(batch["support"], again["support"]) and torch.equal(batch["query"], again["query"])
+
+
+def test_pyplot_draws_off_screen(tmp_path):
+    plt = measure.pyplot()
+    assert plt.get_backend().lower() == "agg"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    measure.save_figure(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0 and not plt.get_fignums()

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
 
 from .errors import UserError
+from .measure import pyplot
 
 HISTOGRAMS = ("W0", "W1", "W2", "eta_gate.weight", "theta_kv.weight", "theta_q.weight", "theta_o.weight")
 
@@ -87,10 +88,8 @@ class InnerLoopMonitor(L.Callback):
         for writer in writers:
             for tag, fig in figures.items():
                 writer.add_figure(tag, fig, trainer.global_step, close=False)
-        import matplotlib.pyplot as plt
-
         for fig in figures.values():
-            plt.close(fig)
+            pyplot().close(fig)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and "val/acc" in trainer.callback_metrics:
@@ -140,11 +139,7 @@ class TestReport(L.Callback):
 def episode_figure(episode: dict, probs: torch.Tensor, columns: int = 10):
     """Supports with their labels, then queries with predicted (p) and true (t) labels; wrong ones in red.
     episode: a batch of one episode (uint8 images); probs [NQ, N]. At most 2 rows of each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     support, query = episode["support"][0][: 2 * columns], episode["query"][0][: 2 * columns]
     s_rows, q_rows = -(-len(support) // columns), -(-len(query) // columns)
     fig, axes = plt.subplots(s_rows + q_rows, columns, figsize=(columns * 0.9, (s_rows + q_rows) * 1.1),
@@ -170,11 +165,7 @@ def episode_figure(episode: dict, probs: torch.Tensor, columns: int = 10):
 
 def curve_figure(curves: dict[str, tuple[torch.Tensor, torch.Tensor]]):
     """One panel per TTT layer: inner loss of each support token under W0 and under the final state."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
     for ax, (name, (before, after)) in zip(axes[0], curves.items()):
         ax.plot(before.float().cpu(), label="W0")

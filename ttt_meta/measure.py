@@ -2,12 +2,29 @@
 
 - ``episode_accuracy(logits [B, NQ, N], labels [B, NQ]) -> [B]``: the fraction of each episode's queries scored
   right; ``confidence_interval(acc [n]) -> (mean, 1.96 * std / sqrt(n))``, the 95% interval reported everywhere.
+- Time: ``timed_call`` (one call, CUDA synchronised), ``median_seconds`` (median over repeats after a warm-up),
+  ``StepClock`` (the training steps of a Lightning ``fit``).
+- Memory: ``peak_tensor_mb`` (peak of the live tensors a call allocates, from the profiler's allocation events).
+- Work to measure: ``random_episodes`` (fixed random episodes in the data module's batch format),
+  ``evaluate`` (a forward under inference_mode), ``optimizer_step`` (forward, backward, optimiser step).
+- Output: ``environment`` (threads, torch, machine), ``printed_rows`` (progress lines), ``markdown_table``,
+  ``pyplot`` (matplotlib's pyplot on the Agg backend) and ``save_figure``.
+
+matplotlib and the profiler are imported when first used: the learners import this module.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
+import lightning as L
+import torch
 from torch import Tensor
 
 
@@ -21,3 +38,134 @@ def confidence_interval(acc: Tensor) -> tuple[float, float]:
     n = acc.numel()
     std = acc.std().item() if n > 1 else 0.0
     return acc.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+def _synchronize(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], object], device: torch.device | str | None = None) -> tuple[object, float]:
+    """(fn(), its wall seconds); on a CUDA `device` the queued work is waited for before and after."""
+    _synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    _synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3, min_seconds: float = 0.0, warmup: int = 1,
+                   device: torch.device | str | None = None, max_runs: int = 100) -> float:
+    """Median wall seconds of `fn()` after `warmup` untimed calls, over at least `repeats` timed calls and, until
+    they add up to `min_seconds`, more (`max_runs` at most)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_runs):
+        times.append(timed_call(fn, device)[1])
+    return statistics.median(times)
+
+
+class StepClock(L.Callback):
+    """Times a ``fit``'s training steps after the first `skip`: ``seconds`` runs from the end of step `skip` to
+    the end of the last step (Lightning's loop, data loading included)."""
+
+    def __init__(self, skip: int):
+        self.skip, self.start, self.end = skip, None, None
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        now = time.perf_counter()
+        if trainer.global_step == self.skip:
+            self.start = now
+        self.end = now
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def peak_tensor_mb(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Peak memory (MB) of the tensors live while `fn()` runs on `device` (CPU or CUDA), from the profiler's
+    allocation events: what `fn` allocates (a forward, MAML's adaptation, a backward), not the weights already
+    resident; the allocator's cache and other processes cannot skew it, unlike resident-set measures. Run it apart
+    from timed calls (the profiler slows them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    key = "self_device_memory_usage" if cuda else "self_cpu_memory_usage"
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += getattr(event, key)
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def random_episodes(n: int, ways: int, shots: int, queries: int, size: int, channels: int = 3,
+                    generator: torch.Generator | None = None) -> dict:
+    """`n` random N-way K-shot episodes of size x size images with Q queries per class, in the data module's batch
+    format: support [n, N*K, C, H, W] uint8, support_labels [n, N*K], query [n, N*Q, C, H, W] uint8, query_labels
+    [n, N*Q], ways N. The same episodes for the same `generator` state (default: seed 0)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def images(k):
+        return torch.randint(0, 256, (n, ways * k, channels, size, size), dtype=torch.uint8, generator=gen)
+
+    def labels(k):
+        return torch.arange(ways).repeat_interleave(k).expand(n, -1).contiguous()
+
+    return {"support": images(shots), "support_labels": labels(shots), "query": images(queries),
+            "query_labels": labels(queries), "ways": ways}
+
+
+def evaluate(model, batch: dict) -> Tensor:
+    """Logits [B, NQ, N] of `model` on a batch of episodes under inference_mode (an evaluation forward)."""
+    with torch.inference_mode():
+        return model(batch)
+
+
+def optimizer_step(model, optimizer: torch.optim.Optimizer, batch: dict) -> None:
+    """One training step on a batch of episodes: ``model.loss_and_accuracy``, backward, optimiser step."""
+    loss, _ = model.loss_and_accuracy(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def environment() -> dict:
+    """What a measurement ran on: {"threads": torch's intra-op threads, "torch": its version, "machine"}."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine()}
+
+
+def printed_rows(rows: Iterable[dict]) -> list[dict]:
+    """The measured `rows` as a list, each printed as a JSON line as soon as it is measured (progress)."""
+    out = []
+    for row in rows:
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table (no trailing newline): the `header` cells, a rule, then one line per row (cells str())."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display): the one place that selects the backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path | str, dpi: int = 110) -> None:
+    """Lay `fig` out tightly, write it to `path` (the format from its suffix) and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)

@@ -1,0 +1,114 @@
+"""Budgeted runs for the scripts: build a model from a config, train it for a budget (or reload what an earlier
+run left), and score it on the fixed test episodes.
+
+- ``build(config, overrides, run_name)``: the model, data module and trainer of ``configs/...yaml`` plus
+  ``key=value`` overrides, nothing run (``ttt_meta.cli.main(args, run=False)``).
+- ``Budget``: a step count, or seconds turned into steps from the measured step time (so every learning-rate
+  schedule runs to its end), or no training (``--from-checkpoints``); ``add_budget_arguments`` gives a script
+  those options and ``--override``.
+- ``train(config, run_name, overrides, budget)``: trains (``checkpoints/<run_name>/version_N``), or loads the
+  newest ``last.ckpt`` of the run name.
+- ``score(model, datamodule, device)``: per-episode accuracy on the fixed test episodes with its 95% interval,
+  the evaluation time per episode and the peak memory of one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpointing import check_checkpoint
+from .cli import TTTMetaCLI, newest_last_checkpoint
+from .cli import main as cli_main
+from .measure import (confidence_interval, episode_accuracy, evaluate, median_seconds, optimizer_step,
+                      peak_tensor_mb, timed_call)
+
+
+def build(config: Path | str, overrides: list[str] = (), run_name: str | None = None) -> TTTMetaCLI:
+    """The run of `config` with `overrides` (``key=value``, e.g. ``data.dataset=synthetic``) built, not run: no
+    progress bar, no model summary, no time limit; named `run_name` (default: the config's name)."""
+    args = ["--config", str(config), "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.max_time=null", *([f"--run_name={run_name}"] if run_name else [])]
+    return cli_main(args + [f"--{o}" for o in overrides], run=False)
+
+
+def step_seconds(cli: TTTMetaCLI, steps: int = 8) -> float:
+    """Median seconds of a training step (forward, backward, optimiser; the batch already loaded) of `cli`'s model
+    on its training episodes, over `steps` steps after 2 warm-up steps. The optimiser's lr is 0: nothing changes."""
+    model, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    loader = iter(dm.train_dataloader())
+    batches = iter([next(loader) for _ in range(steps + 2)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    model.train()
+    return median_seconds(lambda: optimizer_step(model, optimizer, next(batches)), repeats=steps, warmup=2)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training per model: `steps`, else `seconds` turned into steps, or none at all (`from_checkpoints`)."""
+
+    seconds: float | None = None
+    steps: int | None = None
+    from_checkpoints: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Budget:
+        """The budget of the options ``add_budget_arguments`` adds."""
+        return cls(args.budget_seconds, args.budget_steps, args.from_checkpoints)
+
+    def describe(self, per: str = "") -> str:
+        """``trained earlier (--from-checkpoints)``, ``N steps<per>`` or ``S s<per>``."""
+        if self.from_checkpoints:
+            return "trained earlier (--from-checkpoints)"
+        return f"{self.steps} steps{per}" if self.steps else f"{self.seconds:.0f} s{per}"
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, default_seconds: float | None = None,
+                         run_names: str = "<run_name>") -> None:
+    """--budget-seconds | --budget-steps | --from-checkpoints (one required unless `default_seconds`), and
+    --override key=value ... (config overrides for every model). `run_names` names the runs in the help."""
+    budget = parser.add_mutually_exclusive_group(required=default_seconds is None)
+    budget.add_argument("--budget-seconds", type=float, default=default_seconds,
+                        help="training time per model (turned into a step count from the measured step time)")
+    budget.add_argument("--budget-steps", type=int, help="training steps per model")
+    budget.add_argument("--from-checkpoints", action="store_true",
+                        help=f"no training: score the newest checkpoints/{run_names}/version_N/last.ckpt of an "
+                             f"earlier run")
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides key=value for every model")
+
+
+def train(config: Path, run_name: str, overrides: list[str], budget: Budget) -> tuple[TTTMetaCLI, dict]:
+    """(the run, {"train_steps", "train_seconds"}): `config` trained within `budget` as run `run_name`, or with
+    ``budget.from_checkpoints`` the newest ``last.ckpt`` of `run_name` loaded (train_seconds NaN)."""
+    if budget.from_checkpoints:
+        cli = build(config, overrides, run_name)
+        ckpt = check_checkpoint(newest_last_checkpoint(run_name), cli.model)
+        cli.model.load_state_dict(ckpt["state_dict"])
+        return cli, {"train_steps": ckpt["global_step"], "train_seconds": float("nan")}
+    steps = budget.steps or max(1, int(budget.seconds / step_seconds(build(config, overrides, run_name))))
+    cli = build(config, [*overrides, f"trainer.max_steps={steps}", "trainer.max_epochs=-1"], run_name)
+    seconds = timed_call(lambda: cli.trainer.fit(cli.model, cli.datamodule))[1]
+    return cli, {"train_steps": steps, "train_seconds": seconds}
+
+
+def score(model, dm, device: torch.device) -> dict:
+    """Accuracy on `dm`'s fixed test episodes (mean of the per-episode accuracies, 95% interval), the wall time
+    of the evaluation forward (adaptation included) per episode and episodes per second, and the peak memory
+    (MB) of the tensors one test batch allocates (measured after the timed pass)."""
+    dm.setup("test")
+    model.eval().to(device)
+    accs, seconds, episodes = [], 0.0, 0
+    for batch in dm.test_dataloader():
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        logits, took = timed_call(lambda: evaluate(model, batch), device)
+        seconds += took
+        episodes += len(logits)
+        accs.append(episode_accuracy(logits, batch["query_labels"]).cpu())
+    mean, ci = confidence_interval(torch.cat(accs))
+    return {"acc": mean, "ci95": ci, "episodes": episodes, "test_ms_per_episode": 1000 * seconds / episodes,
+            "test_episodes_per_s": episodes / seconds,
+            "test_peak_mem_mb": peak_tensor_mb(lambda: evaluate(model, batch), device)}
