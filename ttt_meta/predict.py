@@ -72,8 +72,7 @@ def episode(model, support: Path, query: Path) -> tuple[dict, list[str], list[Pa
     if len(classes) < 2:
         raise UserError(f"--support {support} needs one sub-folder per class, at least 2; found {len(classes)}. "
                         f"Put each class's images in a sub-folder named after the class")
-    fewest, most = model.ways_served()  # the model's side of the contract, checked before any image is read
-    if len(classes) < fewest or (most is not None and len(classes) > most):
+    if not model.serves(len(classes)):  # the model's side of the contract, checked before any image is read
         raise UserError(f"--support has {len(classes)} classes but this {type(model).__name__} serves "
                         f"{model.ways_text()}. Use {model.ways_text().removesuffix(' ways')} class folders")
     shots = [(path, c) for c, name in enumerate(classes) for path in image_files(support / name, "support class")]

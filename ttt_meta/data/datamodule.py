@@ -138,10 +138,6 @@ class EpisodeDataModule(L.LightningDataModule):
         self.resume_at = 0  # the training batch to start from, restored from a checkpoint
 
     @property
-    def max_ways(self) -> int:
-        return max(self.train_spec.ways, self.eval_spec.ways, self.hparams.label_space or 0)
-
-    @property
     def image_shape(self) -> tuple[int, int, int] | None:
         """(channels, height, width) of the images; None until the data is set up."""
         return None if self.splits is None else tuple(self.splits["train"].images.shape[2:])

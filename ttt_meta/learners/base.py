@@ -46,6 +46,11 @@ class EpisodicLearner(L.LightningModule):
         """(fewest, most) ways of the episodes this learner can score; most None: any number."""
         return 2, None
 
+    def serves(self, ways: int) -> bool:
+        """Whether this learner can score `ways`-way episodes (``ways_served``)."""
+        fewest, most = self.ways_served()
+        return fewest <= ways and (most is None or ways <= most)
+
     def ways_text(self) -> str:
         """``ways_served()`` in words: "exactly 5 ways", "at most 20 ways", "any number of ways"."""
         fewest, most = self.ways_served()
@@ -67,9 +72,8 @@ class EpisodicLearner(L.LightningModule):
             raise UserError(f"the data gives {shape[0]}x{shape[1]}x{shape[2]} images but the model reads "
                              f"{hp.in_channels}x{hp.image_size}x{hp.image_size}. Set model.init_args.in_channels: "
                              f"{shape[0]} and model.init_args.image_size: {shape[1]} (or data.image_size)")
-        fewest, most = self.ways_served()
         asked = sorted({datamodule.train_spec.ways, datamodule.eval_spec.ways, label_space or 0} - {0})
-        if any(ways < fewest or (most is not None and ways > most) for ways in asked):
+        if not all(map(self.serves, asked)):
             raise UserError(f"the data asks for {'- and '.join(map(str, asked))}-way episodes or label ids "
                             f"(data.ways, data.eval_ways, data.label_space) but this {type(self).__name__} serves "
                             f"{self.ways_text()}. {self.ways_fix}")
