@@ -14,14 +14,13 @@ Writes results/bench_encoders.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from ttt_meta.cli import set_threads
-from ttt_meta.measure import (environment, evaluate, markdown_table, median_seconds, optimizer_step, peak_tensor_mb,
-                              printed_rows, random_episodes)
+from ttt_meta.measure import (evaluate, hardware_text, markdown_table, median_seconds, optimizer_step, peak_tensor_mb,
+                              printed_rows, provenance, random_episodes, write_results)
 from ttt_meta.runs import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,22 +65,20 @@ def measure(dataset: str, setting: str, encoder: str, args) -> dict:
             "test_episodes": args.test_episodes, "train_episodes": args.train_episodes}
 
 
-def write(rows: list[dict], meta: dict, out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_encoders.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+def write(rows: list[dict], meta: dict, prov: dict, out: Path) -> str:
     header = ["data", "setting", "encoder", "params (M)", "test episodes/s", "test peak MB", "train episodes/s",
               "train peak MB"]
     cells = [[f"{r['dataset']} {r['image_size']}px", r["setting"], r["encoder"], f"{r['params_M']:.2f}",
               f"{r['test_episodes_per_s']:.2f}", f"{r['test_peak_mb']:.0f}", f"{r['train_episodes_per_s']:.3f}",
               f"{r['train_peak_mb']:.0f}"] for r in rows]
     text = "\n".join([
-        f"TTT-Linear meta-learner per encoder ({meta['device']}, {meta['threads']} threads, torch {meta['torch']}); "
+        f"TTT-Linear meta-learner per encoder ({hardware_text(prov)}); "
         f"15 queries per class; median of >= {meta['repeats']} runs (>= 3 s) after a warm-up.", "",
         markdown_table(header, cells), "",
         f"Test: batches of {rows[0]['test_episodes']} episodes under inference_mode. Training: steps of "
         f"{rows[0]['train_episodes']} episodes (forward, backward, AdamW). Peak MB: live tensors allocated "
         f"during one batch or step (profiler), weights excluded.", ""])
-    (out / "bench_encoders.md").write_text(text)
+    write_results(out, "bench_encoders", {"meta": meta, "rows": rows}, text, prov)
     return text
 
 
@@ -99,10 +96,8 @@ def main(argv=None) -> list[dict]:
     set_threads()
     rows = printed_rows(measure(dataset, setting, encoder, args) for dataset in args.datasets
                         for setting in args.settings for encoder in args.encoders)
-    env = environment()
-    meta = {"device": env["machine"], "threads": env["threads"], "torch": env["torch"], "repeats": args.repeats,
-            "quick": args.quick}
-    print(write(rows, meta, args.out))
+    meta = {"repeats": args.repeats, "quick": args.quick}
+    print(write(rows, meta, provenance(__file__, argv), args.out))
     return rows
 
 

@@ -13,13 +13,12 @@ does not depend on them), on random 28x28 episodes with 15 queries per class: 5-
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ttt_meta.cli import set_threads
 from ttt_meta.learners import MAMLLearner
-from ttt_meta.measure import (environment, evaluate, markdown_table, median_seconds, printed_rows, pyplot,
-                              random_episodes, save_figure)
+from ttt_meta.measure import (evaluate, hardware_text, markdown_table, median_seconds, printed_rows, provenance,
+                              pyplot, random_episodes, save_figure, write_results)
 from ttt_meta.nn.cores import CORES
 from ttt_meta.runs import build
 
@@ -52,7 +51,7 @@ def measure_episode(model_name: str, setting: str, args) -> dict:
             "ms_per_episode": ms, "adaptation_steps": steps, "episodes_per_batch": n}
 
 
-def write(rows: list[dict], meta: dict, args) -> str:
+def write(rows: list[dict], prov: dict, args) -> str:
     models = list(dict.fromkeys(r["model"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     at = {(r["model"], r["setting"]): r for r in rows}
@@ -61,16 +60,13 @@ def write(rows: list[dict], meta: dict, args) -> str:
         if other in models and "ttt_linear" in models:
             ratios[f"{other} / ttt_linear"] = {s: at[other, s]["ms_per_episode"] / at["ttt_linear", s]["ms_per_episode"]
                                                for s in settings}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_episodes.json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=1))
     header = ["model", *(f"{s} ({at[models[0], s]['support_tokens']} support tokens)" for s in settings)]
     cells = [[m, *(f"{at[m, s]['ms_per_episode']:.1f}" for s in settings)] for m in models]
     cells += [[f"**{name}**", *(f"**{r:.2f}x**" for r in by.values())] for name, by in ratios.items()]
     text = "\n".join([f"Test-time milliseconds per episode (Omniglot 28x28, {QUERIES} queries per class; batches of "
                       f"{args.episode_batch} episodes, 1 for the many-shot settings, under inference_mode; "
-                      f"{meta['threads']} threads, {meta['machine']}, torch {meta['torch']}).", "",
-                      markdown_table(header, cells)]) + "\n"
-    (args.out / "bench_episodes.md").write_text(text)
+                      f"{hardware_text(prov)}).", "", markdown_table(header, cells)]) + "\n"
+    write_results(args.out, "bench_episodes", {"rows": rows, "ratios": ratios}, text, prov)
     _plot(at, models, settings, args.out / "bench_episodes.png")
     return text
 
@@ -99,9 +95,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     set_threads()
-    meta = environment()
+    prov = provenance(__file__, argv)
     rows = printed_rows(measure_episode(model, setting, args) for setting in args.settings for model in args.models)
-    print(write(rows, meta, args))
+    print(write(rows, prov, args))
     return rows
 
 

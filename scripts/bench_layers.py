@@ -16,15 +16,14 @@ should be ~1, attention ~2 at long lengths).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from ttt_meta.cli import set_threads
-from ttt_meta.measure import (environment, markdown_table, median_seconds, peak_tensor_mb, printed_rows, pyplot,
-                              save_figure)
+from ttt_meta.measure import (hardware_text, markdown_table, median_seconds, peak_tensor_mb, printed_rows,
+                              provenance, pyplot, save_figure, write_results)
 from ttt_meta.nn.cores import CORES, make_core
 from ttt_meta.nn.ttt import FORMS
 
@@ -57,7 +56,7 @@ def measure(name: str, T: int, args) -> dict:
     return {"layer": name, "T": T, "ms": ms, "peak_mb": peak_tensor_mb(step)}
 
 
-def write(rows: list[dict], meta: dict, args) -> str:
+def write(rows: list[dict], meta: dict, prov: dict, args) -> str:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(r["layer"] for r in rows))
@@ -76,11 +75,9 @@ def write(rows: list[dict], meta: dict, args) -> str:
                                        for t in lengths if (f"{kind} primal", t) in at and (f"{kind} {fast}", t) in at}
               for kind in CORES for fast in FORMS
               if fast != "primal" and f"{kind} primal" in names and f"{kind} {fast}" in names}
-    (out / "bench_layers.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary,
-                                                       "speedup over primal": ratios}, indent=1))
     head = (f"Forward+backward per layer: B={meta['batch']}, width {meta['width']}, {meta['heads']} heads (head dim "
-            f"{meta['width'] // meta['heads']}), TTT inner mini-batch {meta['mini_batch']}, float32, {meta['threads']} "
-            f"threads, {meta['machine']}, torch {meta['torch']}. Milliseconds (median) / peak MB of live tensors.")
+            f"{meta['width'] // meta['heads']}), TTT inner mini-batch {meta['mini_batch']}, float32, "
+            f"{hardware_text(prov)}. Milliseconds (median) / peak MB of live tensors.")
     cells = [[t, *(f"{at[n, t]['ms']:.1f} ms / {at[n, t]['peak_mb']:.0f} MB" if (n, t) in at else "-" for n in names)]
              for t in lengths]
     lines = [head, "", markdown_table(["T", *names], cells)]
@@ -93,12 +90,13 @@ def write(rows: list[dict], meta: dict, args) -> str:
     for kind, by_t in ratios.items():
         lines += ["", f"{kind}: " + ", ".join(f"T={t}: {r:.2f}x" for t, r in by_t.items())]
     text = "\n".join(lines) + "\n"
-    (out / "bench_layers.md").write_text(text)
-    _plot(rows, names, meta, out / "bench_layers.png")
+    write_results(out, "bench_layers", {"meta": meta, "rows": rows, "summary": summary,
+                                        "speedup over primal": ratios}, text, prov)
+    _plot(rows, names, meta, prov, out / "bench_layers.png")
     return text
 
 
-def _plot(rows, names, meta, path: Path) -> None:
+def _plot(rows, names, meta, prov, path: Path) -> None:
     fig, (ax_t, ax_m) = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for name in names:
         pts = sorted((r["T"], r["ms"], r["peak_mb"]) for r in rows if r["layer"] == name)
@@ -111,7 +109,7 @@ def _plot(rows, names, meta, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=8)
-    fig.suptitle(f"B={meta['batch']}, width {meta['width']}, {meta['heads']} heads, {meta['threads']} threads")
+    fig.suptitle(f"B={meta['batch']}, width {meta['width']}, {meta['heads']} heads, {prov['hardware']['threads']} threads")
     save_figure(fig, path)
 
 
@@ -131,11 +129,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     set_threads()
-    meta = {"batch": args.batch, "width": args.width, "heads": args.heads, "mini_batch": args.mini_batch,
-            **environment()}
+    meta = {"batch": args.batch, "width": args.width, "heads": args.heads, "mini_batch": args.mini_batch}
+    prov = provenance(__file__, argv)
     rows = printed_rows(measure(name, T, args) for name in args.layers for T in args.lengths
                         if LAYERS[name][1] != "primal" or T <= args.primal_max)
-    print(write(rows, meta, args))
+    print(write(rows, meta, prov, args))
     return rows
 
 

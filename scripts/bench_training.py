@@ -11,13 +11,12 @@ of configs/omniglot/ttt_linear_{5w1s,20w5s}.yaml on --train-dataset in float32 a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
 
 from ttt_meta.cli import set_threads
-from ttt_meta.measure import StepClock, environment, markdown_table
+from ttt_meta.measure import StepClock, hardware_text, markdown_table, provenance, write_results
 from ttt_meta.runs import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,15 +45,13 @@ def measure_training(setting: str, precision: str, args) -> dict:
             "train_episodes_per_s": args.train_steps * episodes_per_step / clock.seconds}
 
 
-def write(rows: list[dict], meta: dict, args) -> str:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_training.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+def write(rows: list[dict], prov: dict, args) -> str:
     table = markdown_table(["setting", "precision", "data", "episodes per step", "episodes/s"],
                            [[r["setting"], r["precision"], r["dataset"], r["episodes_per_step"],
                              f"{r['train_episodes_per_s']:.1f}"] for r in rows])
-    text = (f"fit episodes/s, TTT-Linear ({meta['threads']} threads, {meta['machine']}, torch {meta['torch']}; "
-            f"{args.train_steps} steps after {WARMUP} warm-up steps, data loading included):\n\n{table}\n")
-    (args.out / "bench_training.md").write_text(text)
+    text = (f"fit episodes/s, TTT-Linear ({hardware_text(prov)}; {args.train_steps} steps after {WARMUP} warm-up "
+            f"steps, data loading included):\n\n{table}\n")
+    write_results(args.out, "bench_training", {"rows": rows}, text, prov)
     return text
 
 
@@ -69,10 +66,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     set_threads()
-    meta = environment()
+    prov = provenance(__file__, argv)
     rows = [measure_training(setting, precision, args) for setting in args.train_settings
             for precision in args.train_precisions]
-    print(write(rows, meta, args))
+    print(write(rows, prov, args))
     return rows
 
 

@@ -1,105 +1,171 @@
-"""Train every model with the same budget, score all on the same test episodes, and time test-time adaptation.
+"""Learning curves and the equal-time comparison at one few-shot setting.
 
-    python scripts/compare.py --setting 5w1s --budget-seconds 600
-    python scripts/compare.py --setting 5w5s --budget-steps 2000 --models ttt_linear protonet maml
-    python scripts/compare.py --setting 5w1s --from-checkpoints     # re-score what an earlier run trained
+    TTT_META_THREADS=1 taskset -c 1 python scripts/compare.py --setting 5w1s --minutes 15
+    TTT_META_THREADS=1 taskset -c 1 python scripts/compare.py --setting 5w1s --minutes 30    # extends every run
+    python scripts/compare.py --setting 5w5s --minutes 5 --models ttt_linear --tag mb32 \\
+        --override model.init_args.mini_batch_size=32 --name ablation_omniglot_5w5s
 
-Each model comes from ``configs/<dataset>/<model>_<setting>.yaml`` (plus any ``--override key=value``, e.g.
-``--override data.dataset=synthetic``). A time budget is turned into a step count from the model's measured
-step time, so every learning-rate schedule runs to its end. MAML is trained once and scored with 1, 5 and 10
-adaptation steps (rows ``maml_1``, ``maml_5``, ``maml_10``). Test cost is the wall time of the evaluation
-forward (adaptation included) per episode, with batches of ``eval_batch_size`` episodes, and the peak memory of
-the tensors one such batch allocates (profiler allocation events, measured after the timed pass).
+Every model (``configs/<dataset>/<model>_<setting>.yaml``, plus ``--override key=value``) trains as run
+``compare_<dataset>_<setting>_<model>[_<tag>]`` for the same training time, ``--minutes`` of the wall time of its
+training steps (``ttt_meta.runs.TrainingClock``: no validation or checkpoint writes counted), with the learning
+rate constant after its warm-up, so that a later call with more minutes continues each run exactly from its
+``last.ckpt`` (a run that already has the time is only rescored). Each model trains at its fastest precision on
+this machine: bf16 autocast where the hardware has bf16 arithmetic (an AVX512-BF16 or AMX CPU, a GPU), except
+MAML and Meta-SGD, whose per-episode adaptation is slower in bf16 (float32). Validation on the fixed
+validation episodes every ``--val-every`` seconds gives the learning curve (accuracy against training time and
+episodes), and the times to 95, 97 and 98% validation accuracy. The checkpoint with the best validation
+accuracy is then scored on the fixed test episodes (accuracy +- 95% interval) and its test-time cost per
+episode is timed, all models in this one process, in batches of ``eval_batch_size`` episodes; MAML is scored at
+1, its configured 3, and 10 adaptation steps (rows ``maml_1``, ``maml``, ``maml_10``).
 
-Writes results/compare_<dataset>_<setting>.json, .md and .png, and prints the table.
+Writes results/<name>.json (default name ``compare_<dataset>_<setting>``: rows, curves, the Markdown table the
+README shows, provenance) and <name>.png (validation accuracy against log training time, and against training
+episodes), after each model, so that an interrupted call keeps the models it finished.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 
 import torch
 
 from ttt_meta.cli import set_threads
 from ttt_meta.learners import MAMLLearner
-from ttt_meta.measure import environment, markdown_table, pyplot, save_figure
+from ttt_meta.measure import hardware_text, markdown_table, provenance, pyplot, save_figure, write_results
 from ttt_meta.nn.cores import CORES
-from ttt_meta.runs import Budget, add_budget_arguments, score, train
+from ttt_meta.runs import score, train_for
 
+ROOT = Path(__file__).resolve().parents[1]
 MODELS = [*CORES, "protonet", "maml", "metasgd"]
-MAML_STEPS = (1, 5, 10)
+FLOAT32 = ("maml", "metasgd")  # slower in bf16 autocast on CPU (measured: 0.93 vs 0.83 s per 5w1s step)
+MAML_STEPS = (1, 10)  # scored besides the configured test steps
+THRESHOLDS = (0.95, 0.97, 0.98)
 
 
-def run_model(name: str, args, device) -> tuple[list[dict], dict]:
-    """The rows of model `name` (three for MAML: 1, 5 and 10 test steps) and its data module's settings."""
+def has_bf16() -> bool:
+    """Whether bf16 arithmetic is native here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def time_to(curve: list[dict], threshold: float) -> float | None:
+    """Training seconds of the first validation at or above `threshold`, None if none is."""
+    return next((p["seconds"] for p in curve if p["val_acc"] >= threshold), None)
+
+
+def run_model(name: str, args, device: torch.device) -> tuple[list[dict], dict]:
+    """The rows of model `name` (trained, continued or reloaded for the budget, then scored) and its data
+    module's settings."""
     config = args.configs / f"{name}_{args.setting}.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config {config} for model {name!r}; write one or drop it from --models")
-    cli, common = train(config, f"compare_{args.configs.name}_{args.setting}_{name}", args.override,
-                        Budget.from_args(args))
+    label = f"{name}_{args.tag}" if args.tag else name
+    precision = "32-true" if name in FLOAT32 or not has_bf16() else "bf16-mixed"
+    overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *args.override]
+    cli, clock, best = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
+                                 60 * args.minutes, args.val_every)
     model, data = cli.model, cli.datamodule.hparams
-    common.update(train_episodes_per_s=common["train_steps"] * data.meta_batch_size / common["train_seconds"],
-                  params=sum(p.numel() for p in model.parameters()))
+    steps = clock.curve[-1]["step"] if clock.curve else 0
+    common = {"run": label, "precision": precision, "overrides": args.override, "train_seconds": clock.seconds,
+              "train_steps": steps, "train_episodes": steps * data.meta_batch_size,
+              "best_checkpoint_step": int(torch.load(best, map_location="cpu", weights_only=False)["global_step"]),
+              "best_val_acc": max((p["val_acc"] for p in clock.curve), default=math.nan),
+              "time_to": {f"{t:.0%}": time_to(clock.curve, t) for t in THRESHOLDS},
+              "params": sum(p.numel() for p in model.parameters()), "curve": clock.curve,
+              "training": clock.segments, "meta_batch_size": data.meta_batch_size}
     if isinstance(model, MAMLLearner) and name == "maml":
-        rows = []
-        for k in MAML_STEPS:
+        configured, rows = model.hparams.test_steps, []
+        for k in sorted({*MAML_STEPS, configured}):
             model.hparams.test_steps = k
-            rows.append({"model": f"maml_{k}", **score(model, cli.datamodule, device), **common})
+            rows.append({"model": label if k == configured else f"{label}_{k}", "adaptation_steps": k,
+                         **score(model, cli.datamodule, device), **common})
         return rows, data
-    return [{"model": name, **score(model, cli.datamodule, device), **common}], data
+    return [{"model": label, **score(model, cli.datamodule, device), **common}], data
 
 
-def write(rows: list[dict], args, meta: dict) -> str:
-    stem = args.out / f"compare_{meta['dataset']}_{args.setting}"
-    args.out.mkdir(parents=True, exist_ok=True)
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def table(rows: list[dict], meta: dict, prov: dict) -> str:
+    """The comparison as the README shows it: caption, then one row per model."""
     ttt = next((r for r in rows if r["model"] == "ttt_linear"), None)
-    title = (f"{meta['dataset']} {args.setting}: {meta['budget']}, {meta['test_episodes']} test episodes in batches "
-             f"of {meta['eval_batch_size']}, {meta['device']}")
-    header = ["model", "test acc % (95% CI)", "test ms / episode", "episodes / s", "peak MB / batch",
-              "cost / TTT-Linear", "train steps", "params"]
-    cells = [[r["model"], f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}", f"{r['test_ms_per_episode']:.2f}",
-              f"{r['test_episodes_per_s']:.1f}", f"{r['test_peak_mem_mb']:.0f}",
-              f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x" if ttt else "-", r["train_steps"],
-              f"{r['params']:,}"] for r in rows]
-    table = f"{title}\n\n{markdown_table(header, cells)}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(table + "\n")
-    fig, (a, b) = pyplot().subplots(1, 2, figsize=(11, 4))
-    names = [r["model"] for r in rows]
-    a.barh(names, [100 * r["acc"] for r in rows], xerr=[100 * r["ci95"] for r in rows], color="tab:blue")
-    a.set_xlabel("test accuracy % (95% CI)")
-    a.set_xlim(max(0, min(100 * r["acc"] for r in rows) - 10), 100)
-    b.barh(names, [r["test_ms_per_episode"] for r in rows], color="tab:orange")
-    b.set_xscale("log")
-    b.set_xlabel("test-time ms per episode (log)")
-    fig.suptitle(title)
-    save_figure(fig, stem.with_suffix(".png"), dpi=120)
-    return table
+    header = ["model", "test acc % (95% CI)", "best val acc %", "test ms / episode", "cost / TTT-Linear",
+              *(f"s to {t:.0%} val" for t in THRESHOLDS), "train s", "train steps", "train episodes", "params"]
+    cells = [[r["model"], f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}", f"{100 * r['best_val_acc']:.2f}",
+              f"{r['test_ms_per_episode']:.1f}",
+              f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x" if ttt else "-",
+              *(_seconds(r["time_to"][f"{t:.0%}"]) for t in THRESHOLDS), f"{r['train_seconds']:.0f}",
+              r["train_steps"], f"{r['train_episodes']:,}", f"{r['params']:,}"] for r in rows]
+    caption = (f"{meta['dataset']} {meta['setting']}: {meta['minutes']:g} min of training steps per model "
+               f"({hardware_text(prov)}); test: the best-validated checkpoint on {meta['test_episodes']} fixed test "
+               f"episodes ({meta['queries']} queries per class), cost per episode in batches of "
+               f"{meta['eval_batch_size']}. Commit {str(prov['commit'])[:10]}{' (dirty)' if prov['dirty'] else ''}, "
+               f"{prov['date'][:10]}: `{prov['command']}`")
+    return f"{caption}\n\n{markdown_table(header, cells)}\n"
+
+
+def figure(rows: list[dict], meta: dict, path: Path) -> None:
+    """Validation accuracy against log training seconds and against training episodes, one line per run."""
+    fig, (by_time, by_episodes) = pyplot().subplots(1, 2, figsize=(12, 4.5))
+    floor = 100
+    for name, r in {r["run"]: r for r in rows}.items():
+        if not r["curve"]:
+            continue
+        acc = [100 * p["val_acc"] for p in r["curve"]]
+        floor = min(floor, min(acc))
+        by_time.plot([p["seconds"] for p in r["curve"]], acc, marker=".", label=name)
+        by_episodes.plot([p["step"] * r["meta_batch_size"] for p in r["curve"]], acc, marker=".", label=name)
+    by_time.set_xscale("log")
+    by_time.set_xlabel("training seconds (log)")
+    by_episodes.set_xlabel("training episodes")
+    for ax in (by_time, by_episodes):
+        ax.set_ylabel("validation accuracy %")
+        ax.set_ylim(max(floor - 2, 0), 100)
+        ax.grid(True, which="both", alpha=0.3)
+        for t in THRESHOLDS:
+            ax.axhline(100 * t, color="grey", lw=0.5, ls=":")
+    by_time.legend(fontsize=8)
+    fig.suptitle(f"{meta['dataset']} {meta['setting']}: {meta['minutes']:g} min per model")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", default="5w1s", help="5w1s, 5w5s, 20w1s or 20w5s")
-    p.add_argument("--configs", type=Path, default=Path("configs/omniglot"))
+    p.add_argument("--configs", type=Path, default=ROOT / "configs" / "omniglot")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
-    add_budget_arguments(p, run_names="compare_<dataset>_<setting>_<model>")
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--minutes", type=float, required=True, help="training time per model (training steps only)")
+    p.add_argument("--val-every", type=float, default=60.0, help="seconds of wall time between validations")
+    p.add_argument("--override", nargs="*", default=[], help="config overrides key=value for every model")
+    p.add_argument("--tag", default="", help="suffix of the run and row names (an ablation's variant)")
+    p.add_argument("--name", help="results file name (default compare_<dataset>_<setting>)")
+    p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
     set_threads()
+    prov = provenance(__file__, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows, data = [], None
-    for name in args.models:
-        model_rows, model_data = run_model(name, args, device)
-        rows, data = rows + model_rows, data or model_data
-    env = environment()
-    meta = {"dataset": data.dataset, "setting": args.setting, "test_episodes": data.test_episodes,
-            "test_seed": data.test_seed, "eval_batch_size": data.eval_batch_size,
-            "device": torch.cuda.get_device_name() if device.type == "cuda"
-            else f"CPU {env['machine']}, {env['threads']} threads",
-            "budget": Budget.from_args(args).describe(" per model"), "torch": env["torch"]}
-    print(write(rows, args, meta))
+    rows, meta = [], None
+    for model_name in args.models:
+        model_rows, dm = run_model(model_name, args, device)
+        rows += model_rows
+        if meta is None:  # the data settings of a setting are the same for every model
+            meta = {"dataset": dm.dataset, "setting": args.setting, "minutes": args.minutes,
+                    "val_every_seconds": args.val_every, "test_episodes": dm.test_episodes,
+                    "queries": dm.eval_queries or dm.queries, "test_seed": dm.test_seed, "val_seed": dm.val_seed,
+                    "val_episodes": dm.val_episodes, "eval_batch_size": dm.eval_batch_size}
+        name = args.name or f"compare_{meta['dataset']}_{args.setting}"
+        markdown = table(rows, meta, prov)
+        write_results(args.out, name, {"meta": meta, "rows": rows}, markdown, prov)
+        figure(rows, meta, args.out / f"{name}.png")
+    print(markdown)
     return rows
 
 

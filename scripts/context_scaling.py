@@ -19,7 +19,6 @@ left there. Writes results/context_scaling.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ import torch
 from ttt_meta.cli import set_threads
 from ttt_meta.data.datamodule import FixedEpisodes
 from ttt_meta.data.episodes import EpisodeSpec
-from ttt_meta.measure import (confidence_interval, environment, markdown_table, printed_rows, pyplot, save_figure,
-                              timed_call)
+from ttt_meta.measure import (confidence_interval, hardware_text, markdown_table, printed_rows, provenance, pyplot,
+                              save_figure, timed_call, write_results)
 from ttt_meta.nn.cores import CORES
 from ttt_meta.runs import Budget, add_budget_arguments, train
 
@@ -60,7 +59,7 @@ def score(model, test, ways: int, shots: int, queries: int, episodes: int, seed:
     return {"ways": ways, "shots": shots, "acc": mean, "ci95": ci, "episodes": episodes, "seconds": seconds}
 
 
-def run(args) -> list[dict]:
+def run(args, prov: dict) -> list[dict]:
     grid = settings(args.shots, args.ways)
     space = max(n for n, _ in grid)
     overrides = [f"model.init_args.max_ways={space}", "model.init_args.tied_head=true", f"data.label_space={space}",
@@ -74,22 +73,20 @@ def run(args) -> list[dict]:
         rows += printed_rows({"model": core, "train_steps": trained["train_steps"],
                               **score(model, dm.splits["test"], ways, shots, args.queries, args.episodes,
                                       dm.hparams.test_seed, args.max_images)} for ways, shots in grid)
-    meta = {**environment(), "dataset": dm.hparams.dataset, "label_space": space, "queries": args.queries,
+    meta = {"dataset": dm.hparams.dataset, "label_space": space, "queries": args.queries,
             "episodes": args.episodes, "test_seed": dm.hparams.test_seed, "budget": budget.describe()}
-    print(write(rows, meta, args.out))
+    print(write(rows, meta, prov, args.out))
     return rows
 
 
-def write(rows: list[dict], meta: dict, out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "context_scaling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+def write(rows: list[dict], meta: dict, prov: dict, out: Path) -> str:
     models = list(dict.fromkeys(r["model"] for r in rows))
     at = {(r["model"], r["ways"], r["shots"]): r for r in rows}
     steps = {r["model"]: r["train_steps"] for r in rows}
     head = (f"Test accuracy % (95% CI) of models meta-trained at 5-way 5-shot ({meta['budget']} each, label ids "
             f"from [0, {meta['label_space']})), scored on {meta['episodes']} fixed {meta['dataset']} test episodes "
             f"per setting (test_seed {meta['test_seed']}) with {meta['queries']} queries per class; "
-            f"{meta['threads']} threads, {meta['machine']}, torch {meta['torch']}. Training steps: "
+            f"{hardware_text(prov)}. Training steps: "
             + ", ".join(f"{m} {s}" for m, s in steps.items()) + ".")
     lines = [head]
     for title, key, letter, fixed in (("5-way, K shots", "shots", "K", 5), ("N-way, 5 shots", "ways", "N", 5)):
@@ -99,7 +96,7 @@ def write(rows: list[dict], meta: dict, out: Path) -> str:
                  for m in models]
         lines += ["", f"**{title}**", "", markdown_table(["model", *(f"{letter}={c}" for c in cols)], cells)]
     text = "\n".join(lines) + "\n"
-    (out / "context_scaling.md").write_text(text)
+    write_results(out, "context_scaling", {"meta": meta, "rows": rows}, text, prov)
     _plot(rows, models, out / "context_scaling.png")
     return text
 
@@ -133,7 +130,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     set_threads()
-    return run(args)
+    return run(args, provenance(__file__, argv))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_bench_layers(tmp_path):
     result = json.loads((tmp_path / "bench_layers.json").read_text())
     assert set(result["summary"]) == set(layers)
     assert {"ttt_linear primal/dual", "ttt_linear primal/compiled"} <= set(result["speedup over primal"])
-    assert (tmp_path / "bench_layers.png").stat().st_size > 0 and (tmp_path / "bench_layers.md").exists()
+    assert (tmp_path / "bench_layers.png").stat().st_size > 0 and "| T |" in result["markdown"]
 
 
 def test_bench_episodes(tmp_path):
@@ -73,7 +73,7 @@ def test_bench_episodes(tmp_path):
     assert all(r["ms_per_episode"] > 0 for r in rows)
     episodes = json.loads((tmp_path / "bench_episodes.json").read_text())
     assert set(episodes["ratios"]["maml_10 / ttt_linear"]) == {"5w1s"}
-    assert "| **maml_10 / ttt_linear** |" in (tmp_path / "bench_episodes.md").read_text()
+    assert "| **maml_10 / ttt_linear** |" in episodes["markdown"]
     assert (tmp_path / "bench_episodes.png").stat().st_size > 0
 
 
@@ -82,7 +82,7 @@ def test_bench_training(tmp_path):
     rows = bench_training.main(["--train-settings", "5w1s", "--train-steps", "1", "--train-dataset", "synthetic",
                                 "--out", str(tmp_path)])
     assert [r["precision"] for r in rows] == ["32-true", "bf16-mixed"]
-    assert all(r["train_episodes_per_s"] > 0 for r in rows) and (tmp_path / "bench_training.md").exists()
+    assert all(r["train_episodes_per_s"] > 0 for r in rows) and "| 5w1s |" in json.loads((tmp_path / "bench_training.json").read_text())["markdown"]
     assert json.loads((tmp_path / "bench_training.json").read_text())["rows"] == rows
 
 
@@ -103,13 +103,16 @@ def test_context_scaling_tiny(tmp_path, monkeypatch):
     assert ckpt["hyper_parameters"]["max_ways"] == 8 and ckpt["datamodule_hyper_parameters"]["label_space"] == 8
     again = context_scaling.main([*common, "--from-checkpoints"])
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]  # the same fixed episodes, the same weights
-    for suffix in (".json", ".md", ".png"):
+    for suffix in (".json", ".png"):
         assert (tmp_path / "results" / f"context_scaling{suffix}").stat().st_size > 0
     meta = json.loads((tmp_path / "results" / "context_scaling.json").read_text())["meta"]
     assert meta["budget"] == "trained earlier (--from-checkpoints)" and meta["label_space"] == 8
 
 
-def test_compare_tiny(tmp_path, monkeypatch):
+def test_compare_trains_for_a_time_budget_and_extends_exactly(tmp_path, monkeypatch):
+    """Each model trains for the budget of training time, its curve and provenance land in the results file; a
+    second call with a larger budget continues the same runs (same version folder, the curve extended), and a
+    call with the same budget only rescores."""
     compare = script("compare")
     monkeypatch.chdir(tmp_path)
     scored_steps, score = [], compare.score
@@ -119,20 +122,28 @@ def test_compare_tiny(tmp_path, monkeypatch):
         return score(model, dm, device)
 
     monkeypatch.setattr(compare, "score", recording_score)
-    overrides = ["data.dataset=synthetic", "data.train_batches_per_epoch=2", "data.val_episodes=4",
-                 "data.test_episodes=6", "data.eval_batch_size=3", "data.meta_batch_size=2",
-                 "model.init_args.encoder_channels=4", "trainer.val_check_interval=null"]
-    rows = compare.main(["--setting", "5w1s", "--configs", str(ROOT / "configs" / "omniglot"), "--budget-steps", "2",
-                         "--models", "ttt_linear", "lstm", "protonet", "maml", "--override", *overrides,
-                         "--out", str(tmp_path / "results")])
-    assert [r["model"] for r in rows] == ["ttt_linear", "lstm", "protonet", "maml_1", "maml_5", "maml_10"]
-    assert scored_steps == [None, None, None, 1, 5, 10]
-    assert all(r["episodes"] == 6 and r["test_ms_per_episode"] > 0 and r["test_peak_mem_mb"] > 0 for r in rows)
-    for suffix in (".json", ".md", ".png"):
-        assert (tmp_path / "results" / f"compare_synthetic_5w1s{suffix}").stat().st_size > 0
-    again = compare.main(["--setting", "5w1s", "--configs", str(ROOT / "configs" / "omniglot"), "--from-checkpoints",
-                          "--models", "ttt_linear", "protonet", "--override", *overrides, "--out", str(tmp_path / "again")])
-    assert [(r["model"], r["acc"], r["train_steps"]) for r in again] == [(r["model"], r["acc"], 2) for r in rows[::2][:2]]
+    overrides = ["data.dataset=synthetic", "data.val_episodes=4", "data.test_episodes=6", "data.eval_batch_size=3",
+                 "data.meta_batch_size=2", "model.init_args.encoder_channels=4"]
+    common = ["--setting", "5w1s", "--val-every", "1", "--override", *overrides, "--out", str(tmp_path / "results")]
+    rows = compare.main([*common, "--minutes", "0.03", "--models", "ttt_linear", "maml"])
+    assert [r["model"] for r in rows] == ["ttt_linear", "maml_1", "maml", "maml_10"]
+    assert scored_steps == [None, 1, 3, 10]
+    assert all(r["episodes"] == 6 and r["test_ms_per_episode"] > 0 and r["train_seconds"] >= 1.8 for r in rows)
+    ttt = rows[0]
+    assert ttt["curve"] and ttt["curve"][-1]["step"] == ttt["train_steps"] > 0 and len(ttt["training"]) == 1
+    assert set(ttt["time_to"]) == {"95%", "97%", "98%"} and ttt["precision"] in ("bf16-mixed", "32-true")
+    assert rows[1]["precision"] == "32-true"  # MAML: float32
+    saved = json.loads((tmp_path / "results" / "compare_synthetic_5w1s.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["provenance"]["command"].startswith(
+        "python scripts/compare.py --setting 5w1s")
+    assert "| ttt_linear |" in saved["markdown"] and (tmp_path / "results" / "compare_synthetic_5w1s.png").exists()
+
+    longer = compare.main([*common, "--minutes", "0.06", "--models", "ttt_linear"])[0]
+    assert longer["train_seconds"] >= 3.6 and longer["train_steps"] > ttt["train_steps"]
+    assert longer["curve"][:len(ttt["curve"])] == ttt["curve"] and len(longer["training"]) == 2
+    assert [p.name for p in (tmp_path / "checkpoints" / "compare_omniglot_5w1s_ttt_linear").iterdir()] == ["version_0"]
+    again = compare.main([*common, "--minutes", "0.06", "--models", "ttt_linear"])[0]
+    assert (again["train_steps"], again["acc"], len(again["training"])) == (longer["train_steps"], longer["acc"], 2)
 
 
 def test_bench_encoders_quick(tmp_path):
@@ -141,7 +152,7 @@ def test_bench_encoders_quick(tmp_path):
                                 "--out", str(tmp_path)])
     assert [r["encoder"] for r in rows] == ["conv4-32", "conv4-64", "resnet12"]
     assert all(r["test_episodes_per_s"] > 0 and r["train_episodes_per_s"] > 0 and r["train_peak_mb"] > 0 for r in rows)
-    assert "| miniimagenet 32px | 5w1s | resnet12 |" in (tmp_path / "bench_encoders.md").read_text()
+    assert "| miniimagenet 32px | 5w1s | resnet12 |" in json.loads((tmp_path / "bench_encoders.json").read_text())["markdown"]
 
 
 def test_peak_tensor_memory_counts_live_tensors():

@@ -180,10 +180,13 @@ class TTTMetaCLI(LightningCLI):
     Args:
         command_args: the subcommand's arguments as the user gave them (for the commands printed after a fit).
         config_files: the config files the user gave, before composition (the run's default name is the last's).
+        resume: for a build without a subcommand (``main(run=False)``), the checkpoint its fit will continue
+            (what ``fit --ckpt_path`` is for the subcommand): a checkpoint of this run name continues its version.
     """
 
-    def __init__(self, *args, command_args: list[str] = (), config_files: list[Path] = (), **kwargs):
-        self.command_args, self.config_files = list(command_args), list(config_files)
+    def __init__(self, *args, command_args: list[str] = (), config_files: list[Path] = (),
+                 resume: str | Path | None = None, **kwargs):
+        self.command_args, self.config_files, self.resume = list(command_args), list(config_files), resume
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -216,15 +219,16 @@ class TTTMetaCLI(LightningCLI):
         if cfg.get("ckpt_path") == "last":
             cfg.ckpt_path = str(newest_last_checkpoint(name))
         versions, version = run_versions(checkpoints), None
-        if self.subcommand == "fit":
+        if self.subcommand == "fit" or self.subcommand is None and self.resume is not None:
+            resume = cfg.get("ckpt_path") or self.resume
             foreign = sorted(p.name for p in checkpoints.iterdir()
                              if p not in versions.values()) if checkpoints.is_dir() else []
             if foreign and cfg.checkpoint.dirpath is None:
                 raise UserError(f"{checkpoints}/ holds files outside version_N folders ({', '.join(foreign[:3])}), "
                                 f"and a run never writes beside files it did not make. Pass another --run_name, or "
                                 f"move those files into a version_N folder of their own")
-            if cfg.get("ckpt_path"):  # resuming a checkpoint of this run name continues its version
-                resumed = Path(cfg.ckpt_path).resolve().parent
+            if resume:  # resuming a checkpoint of this run name continues its version
+                resumed = Path(resume).resolve().parent
                 version = next((n for n, folder in versions.items() if folder.resolve() == resumed), None)
         if version is None:
             version = 1 + max([*run_versions(logs), *versions], default=-1)
@@ -278,9 +282,10 @@ class TTTMetaCLI(LightningCLI):
         print("\n".join(lines))
 
 
-def main(args: list[str] | None = None, run: bool = True):
+def main(args: list[str] | None = None, run: bool = True, resume: str | Path | None = None):
     """Parse `args` (default: the command line) and run the subcommand; with run=False, `args` hold no
-    subcommand and the model, data module and trainer are only built (``cli.model``, ``cli.datamodule``, ...).
+    subcommand and the model, data module and trainer are only built (``cli.model``, ``cli.datamodule``, ...),
+    in the version folder of the checkpoint `resume` when its fit will continue one of this run name.
     ``predict`` goes to ``ttt_meta.predict.main``. A signal during ``fit`` exits with status 128 + its number
     after saving last.ckpt."""
     set_threads()
@@ -308,7 +313,7 @@ def main(args: list[str] | None = None, run: bool = True):
             save_config_callback=ConfigLogger, save_config_kwargs={"overwrite": True}, parser_class=ArgumentParser,
             parser_kwargs=parser_kwargs,
             args=parsed, run=run, auto_configure_optimizers=False, command_args=argv[1:] if run else argv,
-            config_files=config_files)
+            config_files=config_files, resume=resume)
     except SIGTERMException as stop:  # SIGTERM or SIGINT in fit: LastCheckpoint saved and noted it
         if not hasattr(stop, "saved"):
             raise

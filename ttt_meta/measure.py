@@ -7,18 +7,24 @@
 - Memory: ``peak_tensor_mb`` (peak of the live tensors a call allocates, from the profiler's allocation events).
 - Work to measure: ``random_episodes`` (fixed random episodes in the data module's batch format),
   ``evaluate`` (a forward under inference_mode), ``optimizer_step`` (forward, backward, optimiser step).
-- Output: ``environment`` (threads, torch, machine), ``printed_rows`` (progress lines), ``markdown_table``,
-  ``pyplot`` (matplotlib's pyplot on the Agg backend) and ``save_figure``.
+- Output: ``provenance`` (commit, command, date, hardware, versions), ``write_results`` (the one writer of
+  ``results/<name>.json``: data, its Markdown table and its provenance), ``printed_rows`` (progress lines),
+  ``markdown_table``, ``pyplot`` (matplotlib's pyplot on the Agg backend) and ``save_figure``.
 
 matplotlib and the profiler are imported when first used: the learners import this module.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -133,10 +139,60 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, batch: dict) -> None
     optimizer.step()
 
 
-def environment() -> dict:
-    """What a measurement ran on: {"threads": torch's intra-op threads, "torch": its version, "machine"}."""
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine()}
+def _git(*args: str) -> str | None:
+    """Output of ``git <args>`` in the folder of this package's checkout, None when git or the checkout is missing."""
+    try:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(script: str, argv: list[str] | None = None) -> dict:
+    """What produced a result: the commit (and whether tracked files differed from it), the command line
+    (``python <script> <argv>``, argv default: this process's), the date (UTC), the hardware (CPU model, cores,
+    cores this process may use, torch threads, GPU) and the versions of Python, torch and Lightning."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        script = str(Path(script).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        pass
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+            "command": shlex.join(["python", script, *argv]),
+            "threads_env": os.environ.get("TTT_META_THREADS"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "hardware": {"cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
+                         "threads": torch.get_num_threads(), "gpu": gpu},
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__}
+
+
+def hardware_text(prov: dict) -> str:
+    """One line for a table's caption: "AMD EPYC, 1 of 2 cores, 1 thread, torch 2.14.1" (GPU when there is one)."""
+    hw = prov["hardware"]
+    where = hw["gpu"] or f"{hw['cpu']}, {hw['cores_usable']} of {hw['cores']} cores"
+    return f"{where}, {hw['threads']} thread{'s' * (hw['threads'] != 1)}, torch {prov['torch']}"
+
+
+def write_results(out: Path | str, name: str, data: dict, markdown: str, prov: dict) -> Path:
+    """Write ``<out>/<name>.json``: {"provenance": prov, "markdown": the table(s) as the README shows them, **data}.
+    The only writer of result files (scripts/readme_tables.py copies "markdown" into the README)."""
+    path = Path(out) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"provenance": prov, "markdown": markdown.strip() + "\n", **data}, indent=1) + "\n")
+    return path
 
 
 def printed_rows(rows: Iterable[dict]) -> list[dict]:

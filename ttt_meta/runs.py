@@ -8,6 +8,9 @@ run left), and score it on the fixed test episodes.
   those options and ``--override``.
 - ``train(config, run_name, overrides, budget)``: trains (``checkpoints/<run_name>/version_N``), or loads the
   newest ``last.ckpt`` of the run name.
+- ``TrainingClock`` and ``train_for(config, run_name, overrides, seconds)``: a run trained for a budget of
+  training time (the steps' wall time, kept in its checkpoints), continued by a later call with a larger budget
+  through the exact resume of its newest ``last.ckpt``; with its validation curve (step, seconds, accuracy).
 - ``score(model, datamodule, device)``: per-episode accuracy on the fixed test episodes with its 95% interval,
   the evaluation time per episode and the peak memory of one batch.
 """
@@ -15,24 +18,30 @@ run left), and score it on the fixed test episodes.
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .checkpointing import check_checkpoint
+from .checkpointing import check_checkpoint, read_checkpoint
 from .cli import TTTMetaCLI, newest_last_checkpoint
 from .cli import main as cli_main
+from .errors import MissingInput
 from .measure import (confidence_interval, episode_accuracy, evaluate, median_seconds, optimizer_step,
-                      peak_tensor_mb, timed_call)
+                      peak_tensor_mb, provenance, timed_call)
 
 
-def build(config: Path | str, overrides: list[str] = (), run_name: str | None = None) -> TTTMetaCLI:
+def build(config: Path | str, overrides: list[str] = (), run_name: str | None = None,
+          resume: Path | None = None) -> TTTMetaCLI:
     """The run of `config` with `overrides` (``key=value``, e.g. ``data.dataset=synthetic``) built, not run: no
-    progress bar, no model summary, no time limit; named `run_name` (default: the config's name)."""
+    progress bar, no model summary, no time limit; named `run_name` (default: the config's name); in the version
+    folder of `resume` when its fit is to continue that checkpoint of the run."""
     args = ["--config", str(config), "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--trainer.max_time=null", *([f"--run_name={run_name}"] if run_name else [])]
-    return cli_main(args + [f"--{o}" for o in overrides], run=False)
+    return cli_main(args + [f"--{o}" for o in overrides], run=False, resume=resume)
 
 
 def step_seconds(cli: TTTMetaCLI, steps: int = 8) -> float:
@@ -93,6 +102,80 @@ def train(config: Path, run_name: str, overrides: list[str], budget: Budget) -> 
     cli = build(config, [*overrides, f"trainer.max_steps={steps}", "trainer.max_epochs=-1"], run_name)
     seconds = timed_call(lambda: cli.trainer.fit(cli.model, cli.datamodule))[1]
     return cli, {"train_steps": steps, "train_seconds": seconds}
+
+
+class TrainingClock(L.Callback):
+    """The training time of a run, its validation curve and who trained it; stops the run at `budget_seconds`.
+
+    ``seconds`` sums the wall time of the training steps (forward, backward, optimiser step: from
+    ``on_train_batch_start`` to ``on_train_batch_end``; no validation, no checkpoint writes), so the budget does
+    not depend on how often a run validates. When it reaches the budget the run stops, after a last validation
+    (Lightning validates when a callback stops a fit). ``curve`` holds {"step", "seconds", "val_acc"} of each
+    validation, ``segments`` the provenance of each fit that trained the run (from step / seconds). All three are
+    saved in the run's checkpoints, so a fit resumed from ``last.ckpt`` continues them.
+    """
+
+    def __init__(self, budget_seconds: float | None = None):
+        self.budget_seconds, self.seconds, self.curve, self.segments = budget_seconds, 0.0, [], []
+        self._started = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        prov = provenance("scripts/compare.py")  # the command is the caller's; the commit and machine are what count
+        self.segments.append({"from_step": trainer.global_step, "from_seconds": self.seconds,
+                              **{k: prov[k] for k in ("commit", "dirty", "date", "hardware", "torch")}})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._started
+        if self.budget_seconds is not None and self.seconds >= self.budget_seconds:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or "val/acc" not in trainer.callback_metrics:
+            return
+        point = {"step": trainer.global_step, "seconds": round(self.seconds, 3),
+                 "val_acc": float(trainer.callback_metrics["val/acc"])}
+        if not self.curve or self.curve[-1]["step"] != point["step"]:
+            self.curve.append(point)
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds, "curve": self.curve, "segments": self.segments}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds, self.curve, self.segments = state["seconds"], list(state["curve"]), list(state["segments"])
+
+
+def _callback_state(ckpt: dict, kind: type) -> dict:
+    """The state a checkpoint holds for the callback of class `kind` (Lightning keys it by class name and args)."""
+    return next((v for k, v in ckpt.get("callbacks", {}).items() if k.split("{")[0] == kind.__name__), {})
+
+
+def train_for(config: Path, run_name: str, overrides: list[str], seconds: float,
+              val_every_seconds: float) -> tuple[TTTMetaCLI, TrainingClock, Path]:
+    """(the run with its best checkpoint's weights loaded, its clock, that checkpoint): `config` trained as run
+    `run_name` until its TrainingClock reaches `seconds`, validating every `val_every_seconds` of wall time. A run
+    of that name that an earlier call left (its newest ``last.ckpt``) is continued exactly (same version folder)
+    when it has trained less, and only reloaded when it has trained as long or longer."""
+    try:
+        last = newest_last_checkpoint(run_name)
+    except MissingInput:
+        last = None
+    clock = TrainingClock(seconds)
+    if last is not None:
+        clock.load_state_dict(_callback_state(read_checkpoint(last), TrainingClock))
+    every = max(1, round(val_every_seconds))
+    interval = f"{every // 86400:02d}:{every // 3600 % 24:02d}:{every // 60 % 60:02d}:{every % 60:02d}"  # DD:HH:MM:SS
+    cli = build(config, [*overrides, "trainer.max_steps=-1", "trainer.max_epochs=-1",
+                         f"trainer.val_check_interval={interval}"], run_name, resume=last)
+    if last is None or clock.seconds < seconds:
+        cli.trainer.callbacks.insert(0, clock)
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last, weights_only=False)
+        last = newest_last_checkpoint(run_name)
+    best = Path(_callback_state(read_checkpoint(last), ModelCheckpoint).get("best_model_path") or last)
+    cli.model.load_state_dict(check_checkpoint(best, cli.model)["state_dict"])
+    return cli, clock, best
 
 
 def score(model, dm, device: torch.device) -> dict:

@@ -20,6 +20,9 @@ from ..errors import TrainingDiverged, UserError
 from ..measure import confidence_interval, episode_accuracy
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
 class EpisodicLearner(L.LightningModule):
     """Base of the learners: cross-entropy on the queries, accuracy, AdamW with warm-up and cosine decay.
 
@@ -29,15 +32,21 @@ class EpisodicLearner(L.LightningModule):
     Args:
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps, then cosine decay to 0 at the last step of the run.
+        warmup_steps: linear warm-up steps, then the `lr_schedule`.
+        lr_schedule: "cosine": decay to 0 at the run's last step (trainer.max_steps); "constant": the peak rate
+            after the warm-up, for runs stopped by a time budget and extended later (``scripts/compare.py``).
     """
 
     reads_label_ids = False  # whether forward uses a batch's label_ids (data.label_space)
 
-    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
+                 lr_schedule: str = "cosine"):
         super().__init__()
         if lr <= 0:
             raise UserError(f"model lr must be > 0, got {lr}. Set model.init_args.lr to a positive number")
+        if lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown lr_schedule {lr_schedule!r}. Set model.init_args.lr_schedule to one of "
+                            f"{list(LR_SCHEDULES)}")
         self.save_hyperparameters(logger=False)  # the subclass's arguments too; the CLI logs the whole config
         self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
@@ -135,11 +144,12 @@ class EpisodicLearner(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        constant = hp.lr_schedule == "constant"
+        total = 1 if constant else max(1, int(self.trainer.estimated_stepping_batches))
 
         def schedule(step: int) -> float:
             warm = min(1.0, (step + 1) / max(1, hp.warmup_steps))
-            return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+            return warm if constant else warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                                                    "interval": "step"}}

@@ -29,14 +29,15 @@ class MAMLLearner(EpisodicLearner):
         first_order: drop the second-order terms of the meta-gradient.
         meta_sgd: learn per-parameter inner learning rates (Meta-SGD).
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
-        lr, weight_decay, warmup_steps: see EpisodicLearner.
+        lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
     def __init__(self, ways: int = 5, inner_lr: float = 0.4, train_steps: int = 1, test_steps: int = 3,
                  first_order: bool = False, meta_sgd: bool = False, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, lr: float = 1e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 200):
-        super().__init__(lr, weight_decay, warmup_steps)
+                 weight_decay: float = 0.0, warmup_steps: int = 200,
+                 lr_schedule: str = "cosine"):
+        super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         if train_steps < 1 or test_steps < 0:
             raise UserError(f"MAML needs train_steps >= 1 and test_steps >= 0, got {train_steps} and {test_steps}. "
                             f"Set model.init_args.train_steps and test_steps accordingly")

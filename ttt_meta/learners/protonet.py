@@ -15,12 +15,13 @@ class ProtoNetLearner(EpisodicLearner):
 
     Args:
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
-        lr, weight_decay, warmup_steps: see EpisodicLearner.
+        lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
     def __init__(self, encoder: str = "conv4", encoder_channels: int = 64, in_channels: int = 1,
-                 image_size: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
-        super().__init__(lr, weight_decay, warmup_steps)
+                 image_size: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
+                 lr_schedule: str = "cosine"):
+        super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         self.encoder = make_encoder(encoder, in_channels, encoder_channels, image_size)
 
     def forward(self, batch: dict) -> Tensor:

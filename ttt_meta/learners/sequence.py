@@ -25,15 +25,16 @@ class SequenceMetaLearner(EpisodicLearner):
         max_ways: largest N the label embedding and the head serve.
         tied_head: score queries against the label embeddings (``ttt_meta.nn.model``); for training with
             data.label_space, so a model serves up to max_ways ways.
-        lr, weight_decay, warmup_steps: see EpisodicLearner.
+        lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
     def __init__(self, core: str = "ttt_linear", width: int = 128, depth: int = 2, num_heads: int = 4,
                  mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, form: str = "dual",
                  encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
-                 tied_head: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200):
-        super().__init__(lr, weight_decay, warmup_steps)
+                 tied_head: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
+                 lr_schedule: str = "cosine"):
+        super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, mini_batch_size=mini_batch_size, eta_base=eta_base,
