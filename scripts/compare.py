@@ -38,7 +38,7 @@ from ttt_meta.nn.cores import CORES
 from ttt_meta.runs import score, train_for
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = [*CORES, "protonet", "maml", "metasgd"]
+MODELS = [*CORES, "lstm_large", "protonet", "maml", "metasgd"]
 FLOAT32 = ("maml", "metasgd")  # slower in bf16 autocast on CPU (measured: 0.93 vs 0.83 s per 5w1s step)
 MAML_STEPS = (1, 10)  # scored besides the configured test steps
 THRESHOLDS = (0.95, 0.97, 0.98)

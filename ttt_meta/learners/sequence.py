@@ -19,6 +19,7 @@ class SequenceMetaLearner(EpisodicLearner):
         width, depth, num_heads: token width, number of blocks, heads of the core.
         mini_batch_size, eta_base, share_qk: TTT inner mini-batch, inner learning-rate scale, theta_Q = theta_K
             (TTT cores only).
+        lstm_hidden: the LSTM core's hidden size; None: sized to the TTT-Linear core's parameter count.
         form: how a TTT core computes (``ttt_meta.nn.ttt``): "dual", "compiled" (the dual form through
             torch.compile: faster for long sequences after a one-off compile of seconds) or "primal" (reference).
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
@@ -30,7 +31,7 @@ class SequenceMetaLearner(EpisodicLearner):
 
     def __init__(self, core: str = "ttt_linear", width: int = 128, depth: int = 2, num_heads: int = 4,
                  mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, form: str = "dual",
-                 encoder: str = "conv4",
+                 lstm_hidden: int | None = None, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  tied_head: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
                  lr_schedule: str = "cosine"):
@@ -38,7 +39,7 @@ class SequenceMetaLearner(EpisodicLearner):
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, mini_batch_size=mini_batch_size, eta_base=eta_base,
-            share_qk=share_qk, form=form)
+            share_qk=share_qk, form=form, lstm_hidden=lstm_hidden)
 
     reads_label_ids = True
     ways_fix = "Raise model.init_args.max_ways (a checkpoint cannot grow it)"

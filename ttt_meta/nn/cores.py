@@ -88,14 +88,17 @@ CORES = ("ttt_linear", "ttt_mlp", "lstm", "attention")
 
 
 def make_core(name: str, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
-              share_qk: bool = True, form: str = "dual") -> nn.Module:
-    """Build core `name`; TTT options go to the TTT cores, the LSTM is sized like a TTT-Linear core."""
+              share_qk: bool = True, form: str = "dual", lstm_hidden: int | None = None) -> nn.Module:
+    """Build core `name`; TTT options go to the TTT cores, the LSTM has `lstm_hidden` units (None: sized like a
+    TTT-Linear core)."""
     ttt = dict(mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form)
     if name == "ttt_linear":
         return TTTLinear(width, num_heads, **ttt)
     if name == "ttt_mlp":
         return TTTMLP(width, num_heads, **ttt)
     if name == "lstm":
+        if lstm_hidden is not None:
+            return LSTMCore(width, hidden=lstm_hidden)
         reference = sum(p.numel() for p in TTTLinear(width, num_heads, **ttt).parameters())
         return LSTMCore(width, reference_params=reference)
     if name == "attention":
