@@ -1,5 +1,5 @@
-"""Episodes: shapes, labels, class purity, fixed evaluation sets, independent training streams, rotations;
-the data module on synthetic glyphs, Omniglot and a miniImageNet fixture (with augmentation)."""
+"""Episodes: shapes, labels, class purity, fixed evaluation sets, independent training streams, rotations, varied
+sizes; the data module on synthetic glyphs, Omniglot and a miniImageNet fixture (with augmentation)."""
 
 from pathlib import Path
 
@@ -155,3 +155,41 @@ def test_augmented_training_stream(tmp_path, cache):
     assert all(torch.equal(streams[0][k], streams[1][k]) for k in ("support", "query"))
     val = next(iter(dm.val_dataloader()))
     assert torch.equal(val["support"], next(iter(datamodule(root, cache).val_dataloader()))["support"])
+
+
+def test_training_episodes_of_varied_sizes():
+    """ways_up_to / shots_up_to: each batch draws its N and K from the ranges (every pair occurs), the same
+    batches for the same seed; without them the stream is the one of a single spec; mistakes are named."""
+    dm = EpisodeDataModule(dataset="synthetic", ways=3, ways_up_to=5, shots=1, shots_up_to=2, queries=2,
+                           meta_batch_size=2, label_space=6)
+    assert [(s.ways, s.shots) for s in dm.train_specs] == [(3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (5, 2)]
+    assert (dm.train_spec.ways, dm.train_spec.shots) == (5, 2)
+    data = _tagged(C=20, S=10)
+    stream = TrainEpisodes(data, dm.train_specs, 2, 60, False, seed=0, label_space=6)
+    batches = list(stream)
+    sizes = {(b["ways"], b["support"].shape[1] // b["ways"]) for b in batches}
+    assert sizes == {(3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (5, 2)}
+    for b in batches:
+        N = b["ways"]
+        assert b["query"].shape[1] == 2 * N and b["label_ids"].shape == (2, N) and b["support_labels"].max() == N - 1
+    again = list(stream)
+    assert all(torch.equal(a["support"], b["support"]) for a, b in zip(batches, again))
+    single = next(iter(TrainEpisodes(data, [EpisodeSpec(3, 1, 2)], 2, 1, False, seed=0)))
+    same = next(iter(TrainEpisodes(data, EpisodeSpec(3, 1, 2), 2, 1, False, seed=0)))
+    assert torch.equal(single["support"], same["support"])
+    with pytest.raises(ValueError, match=r"data.ways_up_to \(2\) is below data.ways \(3\)"):
+        EpisodeDataModule(dataset="synthetic", ways=3, ways_up_to=2)
+    with pytest.raises(ValueError, match=r"label_space \(4\) must be at least data.ways_up_to \(5\)"):
+        EpisodeDataModule(dataset="synthetic", ways=3, ways_up_to=5, label_space=4)
+
+
+def test_models_are_held_to_every_training_size():
+    """A MAML head of 5 ways refuses 5-to-8-way training; a sequence model needs max_ways >= ways_up_to."""
+    from ttt_meta.learners import MAMLLearner, SequenceMetaLearner
+
+    dm = EpisodeDataModule(dataset="synthetic", ways=5, ways_up_to=8, label_space=8)
+    with pytest.raises(ValueError, match="serves exactly 5 ways"):
+        MAMLLearner(ways=5, encoder_channels=4).check_data(EpisodeDataModule(dataset="synthetic", ways=5, ways_up_to=8))
+    with pytest.raises(ValueError, match="serves at most 6 ways"):
+        SequenceMetaLearner(width=16, encoder_channels=4, max_ways=6).check_data(dm)
+    SequenceMetaLearner(width=16, encoder_channels=4, max_ways=8).check_data(dm)

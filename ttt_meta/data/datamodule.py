@@ -26,14 +26,16 @@ class TrainEpisodes(IterableDataset):
     Batch i is drawn with a generator seeded by (seed, i) alone, so the stream is the same with any number of
     loader workers (worker w yields i = start + w, start + w + W, ...), and a resumed run picks it up at any batch.
     Each batch carries its number under "batch_index" (the data module removes it before the learner sees it).
-    With `augment`, every image is augmented (``ttt_meta.data.augment``) from the same generator; with
-    `label_space`, each episode also carries label_ids [N]: N distinct ids drawn from [0, label_space).
+    A batch's episodes share one of `specs` (N-way K-shot), drawn uniformly from the same generator when there
+    are several. With `augment`, every image is augmented (``ttt_meta.data.augment``) from the same generator;
+    with `label_space`, each episode also carries label_ids [N]: N distinct ids drawn from [0, label_space).
     """
 
-    def __init__(self, data: ClassImages, spec: EpisodeSpec, meta_batch_size: int, batches: int, rotations: bool,
-                 seed: int, start: int = 0, augment: bool = False, label_space: int | None = None):
-        self.data, self.spec, self.meta_batch_size, self.batches, self.rotations = data, spec, meta_batch_size, batches, rotations
-        self.seed, self.start, self.augment, self.label_space = seed, start, augment, label_space
+    def __init__(self, data: ClassImages, specs: EpisodeSpec | list[EpisodeSpec], meta_batch_size: int, batches: int,
+                 rotations: bool, seed: int, start: int = 0, augment: bool = False, label_space: int | None = None):
+        specs = [specs] if isinstance(specs, EpisodeSpec) else list(specs)
+        self.data, self.specs, self.meta_batch_size, self.batches = data, specs, meta_batch_size, batches
+        self.rotations, self.seed, self.start, self.augment, self.label_space = rotations, seed, start, augment, label_space
 
     def __len__(self) -> int:
         return self.batches
@@ -44,12 +46,14 @@ class TrainEpisodes(IterableDataset):
         C, S = self.data.images.shape[:2]
         for i in range(self.start + first, self.start + self.batches, step):
             gen = torch.Generator().manual_seed(hash((self.seed, i)) % 2**63)
-            idx = sample_episodes(self.meta_batch_size, self.spec, C, S, gen, self.rotations)
-            batch = materialize(self.data.images, idx, self.spec.shots)
+            spec = self.specs[int(torch.randint(len(self.specs), (), generator=gen))] if len(self.specs) > 1 \
+                else self.specs[0]
+            idx = sample_episodes(self.meta_batch_size, spec, C, S, gen, self.rotations)
+            batch = materialize(self.data.images, idx, spec.shots)
             if self.augment:
                 batch["support"], batch["query"] = augment(batch["support"], gen), augment(batch["query"], gen)
             if self.label_space:
-                batch["label_ids"] = torch.rand(len(idx), self.label_space, generator=gen).argsort(-1)[:, :self.spec.ways]
+                batch["label_ids"] = torch.rand(len(idx), self.label_space, generator=gen).argsort(-1)[:, :spec.ways]
             yield {**batch, "batch_index": i}
 
 
@@ -87,6 +91,9 @@ class EpisodeDataModule(L.LightningDataModule):
         download: fetch the data set into root with torchvision / learn2learn when it is absent.
         cache_dir: where decoded image tensors are cached (default $TTT_META_CACHE, then ~/.cache/ttt_meta).
         ways, shots, queries: N-way K-shot episodes with Q queries per class (training).
+        ways_up_to, shots_up_to: train on episodes of varied sizes: each training batch draws its N uniformly from
+            [ways, ways_up_to] and its K from [shots, shots_up_to] (one model for several settings; with a
+            sequence learner, set data.label_space and model max_ways to at least ways_up_to).
         eval_ways, eval_shots, eval_queries: validation/test episodes with another N, K or Q than training
             (default: the same).
         meta_batch_size: episodes per training batch.
@@ -109,6 +116,7 @@ class EpisodeDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: str = "omniglot", root: str | None = None, download: bool = False,
                  cache_dir: str | None = None, ways: int = 5, shots: int = 1, queries: int = 15,
+                 ways_up_to: int | None = None, shots_up_to: int | None = None,
                  eval_ways: int | None = None, eval_shots: int | None = None, eval_queries: int | None = None,
                  meta_batch_size: int = 16,
                  train_batches_per_epoch: int = 500, val_episodes: int = 200, test_episodes: int = 600,
@@ -126,12 +134,19 @@ class EpisodeDataModule(L.LightningDataModule):
                             ("eval_batch_size", eval_batch_size), ("image_size", image_size)]:
             if value < 1:
                 raise UserError(f"data.{name} must be >= 1, got {value}. Set it to 1 or more")
-        if label_space is not None and label_space < ways:
-            raise UserError(f"data.label_space ({label_space}) must be at least data.ways ({ways}): each training "
-                            f"episode needs {ways} distinct label ids. Raise data.label_space or remove it")
+        for name, low, high in [("ways", ways, ways_up_to), ("shots", shots, shots_up_to)]:
+            if high is not None and high < low:
+                raise UserError(f"data.{name}_up_to ({high}) is below data.{name} ({low}): training episodes draw "
+                                f"their {name} from [data.{name}, data.{name}_up_to]. Raise it or remove it")
+        most_ways, option = (ways_up_to, "data.ways_up_to") if ways_up_to else (ways, "data.ways")
+        if label_space is not None and label_space < most_ways:
+            raise UserError(f"data.label_space ({label_space}) must be at least {option} ({most_ways}): each training "
+                            f"episode needs {most_ways} distinct label ids. Raise data.label_space or remove it")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.hparams.update(image_size=image_size, rotations=rotations)  # the data set's defaults, resolved
-        self.train_spec = EpisodeSpec(ways, shots, queries)
+        self.train_specs = [EpisodeSpec(n, k, queries) for n in range(ways, most_ways + 1)
+                            for k in range(shots, (shots_up_to or shots) + 1)]
+        self.train_spec = self.train_specs[-1]  # the largest: what the data must be able to give
         self.eval_spec = EpisodeSpec(eval_ways or ways, eval_shots or shots, eval_queries or queries)
         self.splits: dict[str, ClassImages] | None = None
         self.train_stream: TrainEpisodes | None = None
@@ -163,7 +178,7 @@ class EpisodeDataModule(L.LightningDataModule):
         hp = self.hparams
         rank, _ = self._rank()
         seed = torch.initial_seed() % 2**31 + 100_003 * rank  # every rank draws its own episodes
-        self.train_stream = TrainEpisodes(self.splits["train"], self.train_spec, hp.meta_batch_size,
+        self.train_stream = TrainEpisodes(self.splits["train"], self.train_specs, hp.meta_batch_size,
                                           hp.train_batches_per_epoch, hp.rotations, seed, start=self.resume_at,
                                           augment=hp.augment, label_space=hp.label_space)
         # workers are forked for each epoch, so each epoch's copy of the stream starts at the current batch

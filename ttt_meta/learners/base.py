@@ -70,7 +70,7 @@ class EpisodicLearner(L.LightningModule):
 
     def check_data(self, datamodule) -> None:
         """The model/data contract: a UserError naming the options to change when the data module's images do not
-        have this model's shape (in_channels, image_size), its episodes (data.ways, data.eval_ways) or label ids
+        have this model's shape (in_channels, image_size), its episodes (data.ways[_up_to], data.eval_ways) or label ids
         (data.label_space) ask for ways the model does not serve, or it draws label ids for a model that reads none."""
         hp, label_space = self.hparams, datamodule.hparams.label_space
         if label_space and not self.reads_label_ids:
@@ -81,7 +81,8 @@ class EpisodicLearner(L.LightningModule):
             raise UserError(f"the data gives {shape[0]}x{shape[1]}x{shape[2]} images but the model reads "
                              f"{hp.in_channels}x{hp.image_size}x{hp.image_size}. Set model.init_args.in_channels: "
                              f"{shape[0]} and model.init_args.image_size: {shape[1]} (or data.image_size)")
-        asked = sorted({datamodule.train_spec.ways, datamodule.eval_spec.ways, label_space or 0} - {0})
+        train_ways = {spec.ways for spec in datamodule.train_specs}
+        asked = sorted({min(train_ways), max(train_ways), datamodule.eval_spec.ways, label_space or 0} - {0})
         if not all(map(self.serves, asked)):
             raise UserError(f"the data asks for {'- and '.join(map(str, asked))}-way episodes or label ids "
                             f"(data.ways, data.eval_ways, data.label_space) but this {type(self).__name__} serves "
