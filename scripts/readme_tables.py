@@ -1,9 +1,10 @@
-"""Write the README's result tables from results/*.json (the only way they change).
+"""Write the README's result tables from results/*.json and checkpoints/omniglot/*.json (the only way they change).
 
     python scripts/readme_tables.py            # rewrite every generated block of README.md
     python scripts/readme_tables.py --check    # exit 1, naming the blocks, if README.md differs from the results
 
-A generated block is the text between a line ``<!-- results/NAME.json -->`` and the next ``<!-- end -->`` line: it
+A generated block is the text between a line ``<!-- results/NAME.json -->`` (or ``checkpoints/omniglot/NAME.json``,
+a shipped checkpoint's report) and the next ``<!-- end -->`` line: it
 is replaced by that file's "markdown" (the table its script rendered from the same data when it wrote it) and a
 line naming the file. tests/test_results.py checks that the committed README equals what this writes.
 """
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"^<!-- (results/[\w.-]+\.json) -->\n(.*?)^<!-- end -->$", re.M | re.S)
+BLOCK = re.compile(r"^<!-- ((?:results|checkpoints/omniglot)/[\w.-]+\.json) -->\n(.*?)^<!-- end -->$", re.M | re.S)
 
 
 def generated(readme: str, root: Path = ROOT) -> str:

@@ -1,4 +1,4 @@
-"""Every file in results/ carries its provenance, and the README's result tables are exactly what
+"""Every file in results/ (and every shipped checkpoint's report) carries its provenance, and the README's result tables are exactly what
 scripts/readme_tables.py generates from them."""
 
 import importlib.util
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-RESULTS = sorted((ROOT / "results").glob("*.json"))
+RESULTS = sorted([*(ROOT / "results").glob("*.json"), *(ROOT / "checkpoints" / "omniglot").glob("*.json")])
 
 
 def readme_tables():
@@ -41,7 +41,7 @@ def test_every_readme_block_cites_a_results_file_and_the_check_fails_when_stale(
         tables.main(["--readme", str(readme)])
 
 
-@pytest.mark.parametrize("path", RESULTS, ids=[p.stem for p in RESULTS])
+@pytest.mark.parametrize("path", RESULTS, ids=[f"{p.parent.name}/{p.stem}" for p in RESULTS])
 def test_every_result_says_what_produced_it(path):
     result = json.loads(path.read_text())
     prov = result["provenance"]
