@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
+from ..measure import episode_accuracy
 from ..nn.encoders import make_encoder
 from ..nn.model import EpisodeSequenceModel
 from ..nn.ttt import TTTLayer
 from .base import EpisodicLearner
+from .protonet import prototype_logits
 
 
 class SequenceMetaLearner(EpisodicLearner):
@@ -26,6 +30,11 @@ class SequenceMetaLearner(EpisodicLearner):
         max_ways: largest N the label embedding and the head serve.
         tied_head: score queries against the label embeddings (``ttt_meta.nn.model``); for training with
             data.label_space, so a model serves up to max_ways ways.
+        label_codes: "learned" (trained label embedding rows) or "equiangular" (rows 0..max_ways-1 fixed to a
+            simplex equiangular tight frame, as CAML's ELMES; needs max_ways <= width + 1; ``ttt_meta.nn.model``).
+        proto_aux_weight: w > 0 adds w * CE(prototype logits of the encoder's features) (``prototype_logits``) to
+            the training loss, from the same encoder pass; logged as train/proto_aux_loss. train/loss is the sum;
+            validation and test report the sequence model's loss alone.
         lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
@@ -33,13 +42,16 @@ class SequenceMetaLearner(EpisodicLearner):
                  mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, form: str = "dual",
                  lstm_hidden: int | None = None, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
-                 tied_head: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
-                 lr_schedule: str = "cosine"):
+                 tied_head: bool = False, label_codes: str = "learned", proto_aux_weight: float = 0.0,
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
+        if proto_aux_weight < 0:
+            raise UserError(f"proto_aux_weight must be >= 0, got {proto_aux_weight}. Set "
+                            f"model.init_args.proto_aux_weight to 0 (off) or a positive weight")
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
-            num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, mini_batch_size=mini_batch_size, eta_base=eta_base,
-            share_qk=share_qk, form=form, lstm_hidden=lstm_hidden)
+            num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, label_codes=label_codes,
+            mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form, lstm_hidden=lstm_hidden)
 
     reads_label_ids = True
     ways_fix = "Raise model.init_args.max_ways (a checkpoint cannot grow it)"
@@ -54,6 +66,23 @@ class SequenceMetaLearner(EpisodicLearner):
     def forward(self, batch: dict) -> Tensor:
         return self.model(self.images(batch["support"]), batch["support_labels"], self.images(batch["query"]),
                           batch["ways"], batch.get("label_ids"))
+
+    def loss_and_accuracy(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """EpisodicLearner's; in training with proto_aux_weight w > 0 the loss is CE(logits) + w * CE(prototype
+        logits), both from one encoder pass, and the accuracy the sequence model's."""
+        weight = self.hparams.proto_aux_weight
+        if not (self.training and weight > 0):
+            return super().loss_and_accuracy(batch)
+        support_labels, ways, y = batch["support_labels"], batch["ways"], batch["query_labels"].flatten()
+        features = self.model.encode(self.images(batch["support"]), self.images(batch["query"]))  # [B, NK + NQ, F]
+        logits = self.model.query_logits(features, support_labels, ways, batch.get("label_ids"))
+        NK = support_labels.shape[1]
+        proto_loss = F.cross_entropy(
+            prototype_logits(features[:, :NK], support_labels, features[:, NK:], ways).flatten(0, 1), y)
+        if self._trainer is not None:  # a Lightning run, not a bare call
+            self.log("train/proto_aux_loss", proto_loss, on_step=True, on_epoch=True, batch_size=len(logits))
+        loss = F.cross_entropy(logits.flatten(0, 1), y) + weight * proto_loss
+        return loss, episode_accuracy(logits, batch["query_labels"])
 
     def record_inner_loop(self, on: bool) -> None:
         for _, layer in self.ttt_layers():

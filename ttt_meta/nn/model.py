@@ -1,26 +1,49 @@
 """The sequence meta-learner as a plain module: an episode in, query logits out.
 
-    features  = encoder(image)                                      [B, T, F], T = N*K + N*Q
-    token     = Linear(features) + Embedding(id[label])             queries use the extra "no label" row
+    features  = encoder(image)                                      [B, T, F], T = N*K + N*Q   (encode)
+    token     = Linear(features) + code[id[label]]                  queries use the extra "no label" row
     x         = x + core(LN(x), write_mask)  ;  x = x + MLP(LN(x))   per block; supports write, queries read
-    logits    = Linear(LN(x_query))[:, :, id]                       [B, N*Q, N]
-              = Linear(LN(x_query)) @ Embedding.weight[id].T / sqrt(width)   (tied_head)
+    logits    = Linear(LN(x_query))[:, :, id]                       [B, N*Q, N]   (query_logits)
+              = Linear(LN(x_query)) @ code[id].T / sqrt(width)      (tied_head)
 
-id [B, N] maps an episode's classes 0..N-1 to rows of the label embedding and the head: 0..N-1 by default,
-random ids from [0, max_ways) in training with data.label_space. With random ids an untied head row is trained
-only in the episodes that draw it; the tied head scores a query against the label embeddings through one shared
-map, which every episode trains (so a model serves many more ways than it saw in one episode).
+code [max_ways + 1, width] (``label_rows``) holds a row per label id and, last, the "no label" row. id [B, N] maps
+an episode's classes 0..N-1 to rows of the codes and the head: 0..N-1 by default, random ids from [0, max_ways) in
+training with data.label_space. With random ids an untied head row is trained only in the episodes that draw it;
+the tied head scores a query against the codes through one shared map, which every episode trains (so a model
+serves many more ways than it saw in one episode).
 
-The label embedding rows start ~N(0, 1): a strong label signal at initialisation (a weak one kept the model at
-chance in early experiments).
+label_codes "learned": every row is a trained nn.Embedding row, starting ~N(0, 1): a strong label signal at
+initialisation (a weak one kept the model at chance in early experiments). "equiangular": rows 0..M-1 (M =
+max_ways) are fixed, a simplex equiangular tight frame (CAML's ELMES, Fifty et al. 2024), scaled like the N(0, 1)
+rows, and only the "no label" row is trained:
+
+    code[:M] = sqrt(width * M / (M - 1)) * (I_M - 1 1^T / M) P U^T      [M, width], M <= width + 1
+    code[i] . code[j] = width if i == j else -width / (M - 1)           (norm sqrt(width), cosine -1/(M - 1))
+
+with P [M, M-1] an orthonormal basis of the vectors summing to 0 and U [width, M-1] orthonormal columns drawn with
+a fixed seed: the same frame for every model of that shape (and a buffer, so a checkpoint keeps it).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .cores import make_core
+
+LABEL_CODES = ("learned", "equiangular")
+
+
+def simplex_frame(count: int, width: int, seed: int = 0) -> Tensor:
+    """`count` rows [count, width] of norm sqrt(width) and pairwise cosine -1/(count - 1): the vertices of a regular
+    simplex centred at 0, in a random orthonormal basis of R^width drawn with `seed` (needs 2 <= count <= width + 1)."""
+    centred = torch.eye(count, dtype=torch.float64) - 1 / count  # rows: the vertices in R^count, Gram I - 1 1^T / count
+    vertices = centred @ torch.linalg.qr(centred[:, :-1]).Q  # [count, count - 1], the same Gram
+    gaussian = torch.randn(width, count - 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    codes = vertices @ torch.linalg.qr(gaussian).Q.T  # [count, width]
+    return (codes * (width * count / (count - 1)) ** 0.5).float()
 
 
 class Block(nn.Module):
@@ -42,36 +65,63 @@ class EpisodeSequenceModel(nn.Module):
 
     def __init__(self, encoder: nn.Module, core: str = "ttt_linear", width: int = 128, depth: int = 2,
                  num_heads: int = 4, max_ways: int = 20, mlp_ratio: int = 4, tied_head: bool = False,
-                 **core_kwargs):
+                 label_codes: str = "learned", **core_kwargs):
         super().__init__()
-        self.encoder, self.max_ways = encoder, max_ways
+        if label_codes not in LABEL_CODES:
+            raise UserError(f"unknown label_codes {label_codes!r}. Set model.init_args.label_codes to one of "
+                            f"{list(LABEL_CODES)}")
+        if label_codes == "equiangular" and not 2 <= max_ways <= width + 1:
+            raise UserError(f"equiangular label codes need 2 <= max_ways <= width + 1, got max_ways {max_ways} and "
+                            f"width {width}. Lower model.init_args.max_ways or raise model.init_args.width")
+        self.encoder, self.max_ways, self.label_codes = encoder, max_ways, label_codes
         self.embed = nn.Linear(encoder.out_features, width)
-        self.label_embed = nn.Embedding(max_ways + 1, width)  # row max_ways: "no label" (queries)
+        if label_codes == "learned":
+            self.label_embed = nn.Embedding(max_ways + 1, width)  # row max_ways: "no label" (queries)
+        else:
+            self.register_buffer("fixed_label_codes", simplex_frame(max_ways, width))  # [max_ways, width]
+            self.no_label_code = nn.Parameter(torch.randn(width))  # queries
         self.blocks = nn.ModuleList(Block(make_core(core, width, num_heads, **core_kwargs), width, mlp_ratio)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.tied_head = tied_head
         self.head = nn.Linear(width, width) if tied_head else nn.Linear(width, max_ways)
 
+    def label_rows(self) -> Tensor:
+        """The codes [max_ways + 1, width]: one row per label id, then the "no label" row."""
+        if self.label_codes == "learned":
+            return self.label_embed.weight
+        return torch.cat([self.fixed_label_codes, self.no_label_code[None]])
+
     def forward(self, support: Tensor, support_labels: Tensor, query: Tensor, ways: int,
                 label_ids: Tensor | None = None) -> Tensor:
         """support [B, NK, C, H, W], support_labels [B, NK], query [B, NQ, C, H, W] (float), label_ids [B, ways]
         or None (0..ways-1) -> logits [B, NQ, ways]."""
+        return self.query_logits(self.encode(support, query), support_labels, ways, label_ids)
+
+    def encode(self, support: Tensor, query: Tensor) -> Tensor:
+        """support [B, NK, C, H, W], query [B, NQ, C, H, W] (float) -> features [B, NK + NQ, F], supports first:
+        one encoder pass over the episode's images."""
+        B, T = support.shape[0], support.shape[1] + query.shape[1]
+        return self.encoder(torch.cat([support, query], dim=1).flatten(0, 1)).view(B, T, -1)
+
+    def query_logits(self, features: Tensor, support_labels: Tensor, ways: int,
+                     label_ids: Tensor | None = None) -> Tensor:
+        """features [B, NK + NQ, F] (``encode``), support_labels [B, NK], label_ids [B, ways] or None (0..ways-1)
+        -> logits [B, NQ, ways]: tokens, blocks and head."""
         if ways > self.max_ways:
             raise ValueError(f"{ways}-way episodes but the model was built for at most {self.max_ways} ways")
-        B, NK, NQ = support.shape[0], support.shape[1], query.shape[1]
-        images = torch.cat([support, query], dim=1).flatten(0, 1)
-        feats = self.encoder(images).view(B, NK + NQ, -1)
+        B, T, NK = features.shape[0], features.shape[1], support_labels.shape[1]
         if label_ids is not None:
             support_labels = label_ids.gather(1, support_labels)
-        labels = torch.cat([support_labels, support_labels.new_full((B, NQ), self.max_ways)], dim=1)
-        x = self.embed(feats) + self.label_embed(labels)
-        write_mask = (torch.arange(NK + NQ, device=x.device) < NK).expand(B, -1)
+        labels = torch.cat([support_labels, support_labels.new_full((B, T - NK), self.max_ways)], dim=1)
+        codes = self.label_rows()
+        x = self.embed(features) + F.embedding(labels, codes)
+        write_mask = (torch.arange(T, device=x.device) < NK).expand(B, -1)
         for block in self.blocks:
             x = block(x, write_mask)
         logits = self.head(self.norm(x[:, NK:]))
         if self.tied_head:
-            logits = logits @ self.label_embed.weight[:self.max_ways].T * self.label_embed.embedding_dim**-0.5
+            logits = logits @ codes[:self.max_ways].T * codes.shape[1]**-0.5
         if label_ids is None:
             return logits[..., :ways]
-        return logits.gather(2, label_ids.unsqueeze(1).expand(B, NQ, ways))
+        return logits.gather(2, label_ids.unsqueeze(1).expand(B, T - NK, ways))
