@@ -16,7 +16,9 @@ validation episodes every ``--val-every`` seconds gives the learning curve (accu
 episodes), and the times to 95, 97 and 98% validation accuracy. The checkpoint with the best validation
 accuracy is then scored on the fixed test episodes (accuracy +- 95% interval) and its test-time cost per
 episode is timed, all models in this one process, in batches of ``eval_batch_size`` episodes; MAML is scored at
-1, its configured 3, and 10 adaptation steps (rows ``maml_1``, ``maml``, ``maml_10``).
+1, its configured 3, and 10 adaptation steps (rows ``maml_1``, ``maml``, ``maml_10``). ``--score-at 5w1s 20w5s ...``
+scores each model at those settings' fixed test episodes instead (one model for every setting: ``--setting
+varied``, trained on episodes of 5 to 20 ways and 1 to 5 shots).
 
 Writes results/<name>.json (default name ``compare_<dataset>_<setting>``: rows, curves, the Markdown table the
 README shows, provenance) and <name>.png (validation accuracy against log training time, and against training
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -35,7 +38,7 @@ from ttt_meta.cli import set_threads
 from ttt_meta.learners import MAMLLearner
 from ttt_meta.measure import hardware_text, markdown_table, provenance, pyplot, save_figure, write_results
 from ttt_meta.nn.cores import CORES
-from ttt_meta.runs import score, train_for
+from ttt_meta.runs import build, score, train_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = [*CORES, "lstm_large", "protonet", "maml", "metasgd"]
@@ -80,6 +83,13 @@ def run_model(name: str, args, device: torch.device) -> tuple[list[dict], dict]:
               "time_to": {f"{t:.0%}": time_to(clock.curve, t) for t in THRESHOLDS},
               "params": sum(p.numel() for p in model.parameters()), "curve": clock.curve,
               "training": clock.segments, "meta_batch_size": data.meta_batch_size}
+    if args.score_at:  # one model scored at several settings: the fixed test episodes of each
+        rows = []
+        for setting in args.score_at:
+            ways, shots = (int(x) for x in re.fullmatch(r"(\d+)w(\d+)s", setting).groups())
+            dm = build(config, [*overrides, f"data.eval_ways={ways}", f"data.eval_shots={shots}"]).datamodule
+            rows.append({"model": label, "scored_at": setting, **score(model, dm, device), **common})
+        return rows, data
     if isinstance(model, MAMLLearner) and name == "maml":
         configured, rows = model.hparams.test_steps, []
         for k in sorted({*MAML_STEPS, configured}):
@@ -97,11 +107,12 @@ def _seconds(value: float | None) -> str:
 def table(rows: list[dict], meta: dict, prov: dict) -> str:
     """The comparison as the README shows it: caption, then one row per model."""
     ttt = next((r for r in rows if r["model"] == "ttt_linear"), None)
-    header = ["model", "test acc % (95% CI)", "best val acc %", "test ms / episode", "cost / TTT-Linear",
+    at = any("scored_at" in r for r in rows)
+    header = ["model", *(["scored at"] if at else []), "test acc % (95% CI)", "best val acc %", "test ms / episode", "cost / TTT-Linear",
               *(f"s to {t:.0%} val" for t in THRESHOLDS), "train s", "train steps", "train episodes", "params"]
-    cells = [[r["model"], f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}", f"{100 * r['best_val_acc']:.2f}",
+    cells = [[r["model"], *([r["scored_at"]] if at else []), f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}", f"{100 * r['best_val_acc']:.2f}",
               f"{r['test_ms_per_episode']:.1f}",
-              f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x" if ttt else "-",
+              f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x" if ttt and not at else "-",
               *(_seconds(r["time_to"][f"{t:.0%}"]) for t in THRESHOLDS), f"{r['train_seconds']:.0f}",
               r["train_steps"], f"{r['train_episodes']:,}", f"{r['params']:,}"] for r in rows]
     caption = (f"{meta['dataset']} {meta['setting']}: {meta['minutes']:g} min of training steps per model "
@@ -145,6 +156,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--minutes", type=float, required=True, help="training time per model (training steps only)")
     p.add_argument("--val-every", type=float, default=60.0, help="seconds of wall time between validations")
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value for every model")
+    p.add_argument("--score-at", nargs="*", default=[], metavar="NwKs",
+                   help="score each model at these settings (e.g. 5w1s 20w5s) instead of its own: for a model "
+                        "trained on episodes of varied sizes")
     p.add_argument("--tag", default="", help="suffix of the run and row names (an ablation's variant)")
     p.add_argument("--name", help="results file name (default compare_<dataset>_<setting>)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
