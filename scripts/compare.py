@@ -2,11 +2,11 @@
 
     TTT_META_THREADS=1 taskset -c 1 python scripts/compare.py --setting 5w1s --minutes 15
     TTT_META_THREADS=1 taskset -c 1 python scripts/compare.py --setting 5w1s --minutes 30    # extends every run
-    python scripts/compare.py --setting 5w5s --minutes 5 --models ttt_linear --tag mb32 \\
-        --override model.init_args.mini_batch_size=32 --name ablation_omniglot_5w5s
+    python scripts/compare.py --setting 5w5s --minutes 5 --models ttt_linear --name ablation_omniglot_5w5s \\
+        --variants default mb32:model.init_args.mini_batch_size=32
 
 Every model (``configs/<dataset>/<model>_<setting>.yaml``, plus ``--override key=value``) trains as run
-``compare_<dataset>_<setting>_<model>[_<tag>]`` for the same training time, ``--minutes`` of the wall time of its
+``compare_<dataset>_<setting>_<model>[_<variant>]`` for the same training time, ``--minutes`` of the wall time of its
 training steps (``ttt_meta.runs.TrainingClock``: no validation or checkpoint writes counted), with the learning
 rate constant after its warm-up, so that a later call with more minutes continues each run exactly from its
 ``last.ckpt`` (a run that already has the time is only rescored). Each model trains at its fastest precision on
@@ -63,20 +63,27 @@ def time_to(curve: list[dict], threshold: float) -> float | None:
     return next((p["seconds"] for p in curve if p["val_acc"] >= threshold), None)
 
 
-def run_model(name: str, args, device: torch.device) -> tuple[list[dict], dict]:
-    """The rows of model `name` (trained, continued or reloaded for the budget, then scored) and its data
-    module's settings."""
+def variant(text: str) -> tuple[str, list[str]]:
+    """``NAME[:key=value[,key=value...]]`` -> (NAME, overrides); NAME "default" means no suffix."""
+    name, _, overrides = text.partition(":")
+    return ("" if name == "default" else name), [o for o in overrides.split(",") if o]
+
+
+def run_model(name: str, tag: str, variant_overrides: list[str], args, device: torch.device) -> tuple[list[dict], dict]:
+    """The rows of model `name` in variant `tag` (trained, continued or reloaded for the budget, then scored) and
+    its data module's settings."""
     config = args.configs / f"{name}_{args.setting}.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config {config} for model {name!r}; write one or drop it from --models")
-    label = f"{name}_{args.tag}" if args.tag else name
+    label = f"{name}_{tag}" if tag else name
     precision = "32-true" if name in FLOAT32 or not has_bf16() else "bf16-mixed"
-    overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *args.override]
+    given = [*args.override, *variant_overrides]
+    overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *given]
     cli, clock, best = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
                                  60 * args.minutes, args.val_every)
     model, data = cli.model, cli.datamodule.hparams
     steps = clock.curve[-1]["step"] if clock.curve else 0
-    common = {"run": label, "precision": precision, "overrides": args.override, "train_seconds": clock.seconds,
+    common = {"run": label, "precision": precision, "overrides": given, "train_seconds": clock.seconds,
               "train_steps": steps, "train_episodes": steps * data.meta_batch_size,
               "best_checkpoint_step": int(torch.load(best, map_location="cpu", weights_only=False)["global_step"]),
               "best_val_acc": max((p["val_acc"] for p in clock.curve), default=math.nan),
@@ -159,7 +166,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--score-at", nargs="*", default=[], metavar="NwKs",
                    help="score each model at these settings (e.g. 5w1s 20w5s) instead of its own: for a model "
                         "trained on episodes of varied sizes")
-    p.add_argument("--tag", default="", help="suffix of the run and row names (an ablation's variant)")
+    p.add_argument("--variants", nargs="+", default=[variant("default")], type=variant, metavar="NAME[:key=value,...]",
+                   help="variants of every model, each with its own overrides, run and row name (<model>_<NAME>); "
+                        "'default' (no overrides, no suffix) by default")
     p.add_argument("--name", help="results file name (default compare_<dataset>_<setting>)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
@@ -167,8 +176,8 @@ def main(argv=None) -> list[dict]:
     prov = provenance(__file__, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows, meta = [], None
-    for model_name in args.models:
-        model_rows, dm = run_model(model_name, args, device)
+    for model_name, (tag, variant_overrides) in ((m, v) for m in args.models for v in args.variants):
+        model_rows, dm = run_model(model_name, tag, variant_overrides, args, device)
         rows += model_rows
         if meta is None:  # the data settings of a setting are the same for every model
             meta = {"dataset": dm.dataset, "setting": args.setting, "minutes": args.minutes,
