@@ -7,7 +7,7 @@
 - Memory: ``peak_tensor_mb`` (peak of the live tensors a call allocates, from the profiler's allocation events).
 - Work to measure: ``random_episodes`` (fixed random episodes in the data module's batch format),
   ``evaluate`` (a forward under inference_mode), ``optimizer_step`` (forward, backward, optimiser step).
-- Output: ``provenance`` (commit, command, date, hardware, versions), ``write_results`` (the one writer of
+- Output: ``provenance`` (commit, command, date, hardware, versions; ``code_and_machine`` without the command), ``write_results`` (the one writer of
   ``results/<name>.json``: data, its Markdown table and its provenance), ``printed_rows`` (progress lines),
   ``markdown_table``, ``pyplot`` (matplotlib's pyplot on the Agg backend) and ``save_figure``.
 
@@ -159,24 +159,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_and_machine() -> dict:
+    """The commit of this package's checkout (and whether tracked files differed from it), the date (UTC), the
+    hardware (CPU model, cores, cores this process may use, torch threads, GPU) and the versions of Python, torch
+    and Lightning."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "hardware": {"cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
+                         "threads": torch.get_num_threads(), "gpu": gpu},
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__}
+
+
 def provenance(script: str, argv: list[str] | None = None) -> dict:
-    """What produced a result: the commit (and whether tracked files differed from it), the command line
-    (``python <script> <argv>``, argv default: this process's), the date (UTC), the hardware (CPU model, cores,
-    cores this process may use, torch threads, GPU) and the versions of Python, torch and Lightning."""
+    """What produced a result: ``code_and_machine()`` and the command line (``python <script> <argv>``, the
+    script relative to the checkout, argv default: this process's) with $TTT_META_THREADS."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         script = str(Path(script).resolve().relative_to(Path(__file__).resolve().parents[1]))
     except ValueError:
         pass
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
-            "command": shlex.join(["python", script, *argv]),
-            "threads_env": os.environ.get("TTT_META_THREADS"),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "hardware": {"cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-                         "threads": torch.get_num_threads(), "gpu": gpu},
-            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__}
+    return {**code_and_machine(), "command": shlex.join(["python", script, *argv]),
+            "threads_env": os.environ.get("TTT_META_THREADS")}
 
 
 def hardware_text(prov: dict) -> str:

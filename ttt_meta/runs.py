@@ -30,8 +30,8 @@ from .checkpointing import check_checkpoint, read_checkpoint
 from .cli import TTTMetaCLI, newest_last_checkpoint
 from .cli import main as cli_main
 from .errors import MissingInput
-from .measure import (confidence_interval, episode_accuracy, evaluate, median_seconds, optimizer_step,
-                      peak_tensor_mb, provenance, timed_call)
+from .measure import (code_and_machine, confidence_interval, episode_accuracy, evaluate, median_seconds,
+                      optimizer_step, peak_tensor_mb, timed_call)
 
 
 def build(config: Path | str, overrides: list[str] = (), run_name: str | None = None,
@@ -120,9 +120,7 @@ class TrainingClock(L.Callback):
         self._started = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        prov = provenance("scripts/compare.py")  # the command is the caller's; the commit and machine are what count
-        self.segments.append({"from_step": trainer.global_step, "from_seconds": self.seconds,
-                              **{k: prov[k] for k in ("commit", "dirty", "date", "hardware", "torch")}})
+        self.segments.append({"from_step": trainer.global_step, "from_seconds": self.seconds, **code_and_machine()})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._started = time.perf_counter()
