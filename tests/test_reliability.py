@@ -209,3 +209,25 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_last_checkpoint_is_written_after_the_final_validation(tmp_path, monkeypatch):
+    """A run stopped by a callback (as TrainingClock stops a budgeted run) at a step where last.ckpt was just
+    saved validates once more; its last.ckpt must then name the best checkpoint of that final validation."""
+    from ttt_meta.runs import TrainingClock, build
+
+    class StopAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop = trainer.global_step == 4
+
+    monkeypatch.chdir(tmp_path)
+    cli = build(QUICK, [a[2:] for a in TINY] + ["trainer.max_steps=-1", "trainer.max_epochs=-1",
+                                                "last_checkpoint.every_n_steps=2", "trainer.val_check_interval=3",
+                                                "trainer.check_val_every_n_epoch=null",
+                                                "model.init_args.lr_schedule=constant"])
+    cli.trainer.callbacks[:0] = [TrainingClock(), StopAt()]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt = torch.load(tmp_path / "checkpoints" / "quickstart" / "version_0" / "last.ckpt", weights_only=False)
+    best = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_path"]
+    assert ckpt["global_step"] == 4 and Path(best).is_file()
+    assert [point["step"] for point in ckpt["callbacks"]["TrainingClock"]["curve"]] == [3, 4]

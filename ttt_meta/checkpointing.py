@@ -76,8 +76,10 @@ class LastCheckpoint(L.Callback):
         self.stop_signal: int | None = None
         self._sigint_handler = None  # the SIGINT handler to restore after training
 
-    def _save(self, trainer: L.Trainer) -> None:
-        if self.dirpath is None or trainer.global_step == self._saved_step or trainer.sanity_checking:
+    def _save(self, trainer: L.Trainer, again: bool = False) -> None:
+        """Save last.ckpt, unless it already holds this step (`again`: even then, e.g. after a validation that
+        changed the best checkpoint and the callbacks' states since)."""
+        if self.dirpath is None or trainer.global_step == self._saved_step and not again or trainer.sanity_checking:
             return
         trainer.save_checkpoint(str(Path(self.dirpath) / "last.ckpt"), weights_only=False)
         self._saved_step = trainer.global_step
@@ -113,7 +115,7 @@ class LastCheckpoint(L.Callback):
             self._save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
+        self._save(trainer, again=True)  # after the last validation: the final best checkpoint and callback states
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -172,6 +172,8 @@ def train_for(config: Path, run_name: str, overrides: list[str], seconds: float,
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last, weights_only=False)
         last = newest_last_checkpoint(run_name)
     best = Path(_callback_state(read_checkpoint(last), ModelCheckpoint).get("best_model_path") or last)
+    if not best.is_file():  # a last.ckpt written before the final validation replaced the best (save_top_k=1)
+        best = max(last.parent.glob("best-*.ckpt"), key=lambda path: path.stat().st_mtime, default=last)
     cli.model.load_state_dict(check_checkpoint(best, cli.model)["state_dict"])
     return cli, clock, best
 

@@ -146,7 +146,11 @@ class EpisodicLearner(L.LightningModule):
         hp = self.hparams
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         constant = hp.lr_schedule == "constant"
-        total = 1 if constant else max(1, int(self.trainer.estimated_stepping_batches))
+        steps = self.trainer.estimated_stepping_batches
+        if not constant and not math.isfinite(steps):
+            raise UserError("the cosine learning-rate schedule decays to 0 at the run's last step, but this run has "
+                            "no step limit. Set trainer.max_steps, or model.init_args.lr_schedule: constant")
+        total = 1 if constant else max(1, int(steps))
 
         def schedule(step: int) -> float:
             warm = min(1.0, (step + 1) / max(1, hp.warmup_steps))
