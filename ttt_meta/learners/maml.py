@@ -2,7 +2,10 @@
 
 Each episode clones the meta-model, takes `train_steps` (training) or `test_steps` (validation, test) gradient steps on the support loss (second order
 unless `first_order`), and scores the queries with the adapted clone; the meta-model itself is only changed by
-the outer optimiser. BatchNorm uses each task's batch statistics (as in the MAML paper). ``meta_sgd: true``
+the outer optimiser. BatchNorm uses each task's batch statistics (as in the MAML paper): in training and, by default
+(``transductive: true``), in evaluation too, where an episode's queries are normalised as one batch (as in Finn et
+al. and learn2learn); ``transductive: false`` normalises the queries with the support set's statistics instead, so
+each query's logits depend on the supports and itself only. ``meta_sgd: true``
 switches to Meta-SGD (learned per-parameter inner learning rates, initialised at `inner_lr`). Evaluation needs
 autograd for the adaptation, so it runs with gradients on inside validation and test.
 """
@@ -28,6 +31,11 @@ class MAMLLearner(EpisodicLearner):
             score one checkpoint at several step counts.
         first_order: drop the second-order terms of the meta-gradient.
         meta_sgd: learn per-parameter inner learning rates (Meta-SGD).
+        transductive: in validation and test, normalise the queries of an episode with their own batch statistics
+            (True, the MAML paper's protocol; each query's logits depend on the other queries), or (False) every
+            BatchNorm layer normalises the queries with the mean and biased variance that the adapted model's
+            forward on the support set has at that layer (each query's logits depend on the supports and itself
+            only). Training is the same either way. ``hparams.transductive`` may be changed after training.
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
         lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
@@ -36,7 +44,7 @@ class MAMLLearner(EpisodicLearner):
                  first_order: bool = False, meta_sgd: bool = False, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 200,
-                 lr_schedule: str = "cosine"):
+                 lr_schedule: str = "cosine", transductive: bool = True):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         if train_steps < 1 or test_steps < 0:
             raise UserError(f"MAML needs train_steps >= 1 and test_steps >= 0, got {train_steps} and {test_steps}. "
@@ -69,6 +77,27 @@ class MAMLLearner(EpisodicLearner):
                 self.support_losses.append((before, F.cross_entropy(learner(support), labels)))
         return learner
 
+    def score_queries(self, learner: nn.Module, support: Tensor, query: Tensor,
+                      transductive: bool | None = None) -> Tensor:
+        """Logits of `query` under an adapted `learner`: the queries normalised as one batch (`transductive`, default
+        ``hparams.transductive``; always in training), else with the support set's statistics at every BatchNorm
+        layer: one forward of supports and queries together, in which each BatchNorm layer normalises all rows
+        with the mean and biased variance of the support rows (per-sample layers elsewhere, so the support rows
+        see exactly their own batch statistics). `learner` is left as it was."""
+        if transductive is None:
+            transductive = self.hparams.transductive
+        if self.training or transductive:
+            return learner(query)
+        n = len(support)
+        norms = [m for m in learner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for bn in norms:  # an instance attribute: this clone's modules only (a clone shares its hook dicts)
+            bn.forward = _support_statistics_norm(bn, n)
+        try:
+            return learner(torch.cat([support, query]))[n:]
+        finally:
+            for bn in norms:
+                del bn.forward
+
     def record_inner_loop(self, on: bool) -> None:
         self.record, self.support_losses = on, []
 
@@ -90,6 +119,17 @@ class MAMLLearner(EpisodicLearner):
             labels = batch["support_labels"].clone()
             logits = []
             for s, y, q in zip(support, labels, query, strict=True):
-                out = self.adapt(s, y, steps)(q)
+                out = self.score_queries(self.adapt(s, y, steps), s, q)
                 logits.append(out if self.training else out.detach())  # evaluation frees each episode's graph
         return torch.stack(logits)
+
+
+def _support_statistics_norm(bn: nn.modules.batchnorm._BatchNorm, n: int):
+    """A forward for `bn` that normalises every row of its input with the statistics of the first `n` rows."""
+    def forward(x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(x[:n], dim=[0, *range(2, x.dim())], correction=0, keepdim=True)
+        shape = mean.shape
+        y = (x - mean) * torch.rsqrt(var + bn.eps)  # not F.batch_norm: its running stats take no gradient
+        return y if bn.weight is None else y * bn.weight.view(shape) + bn.bias.view(shape)
+
+    return forward
