@@ -42,7 +42,8 @@ from ttt_meta.runs import build, score, train_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = [*CORES, "lstm_large", "protonet", "maml", "metasgd"]
-FLOAT32 = ("maml", "metasgd")  # slower in bf16 autocast on CPU (measured: 0.93 vs 0.83 s per 5w1s step)
+# slower in bf16 autocast on CPU (runs.step_seconds under autocast, 1 thread: 0.93 vs 0.83 s per MAML 5w1s step)
+FLOAT32 = ("maml", "metasgd")
 MAML_STEPS = (1, 10)  # scored besides the configured test steps
 THRESHOLDS = (0.95, 0.97, 0.98)
 
@@ -79,13 +80,13 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
     precision = "32-true" if name in FLOAT32 or not has_bf16() else "bf16-mixed"
     given = [*args.override, *variant_overrides]
     overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *given]
-    cli, clock, best = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
+    cli, clock, best_step = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
                                  60 * args.minutes, args.val_every)
     model, data = cli.model, cli.datamodule.hparams
     steps = clock.curve[-1]["step"] if clock.curve else 0
     common = {"run": label, "precision": precision, "overrides": given, "train_seconds": clock.seconds,
               "train_steps": steps, "train_episodes": steps * data.meta_batch_size,
-              "best_checkpoint_step": int(torch.load(best, map_location="cpu", weights_only=False)["global_step"]),
+              "best_checkpoint_step": best_step,
               "best_val_acc": max((p["val_acc"] for p in clock.curve), default=math.nan),
               "time_to": {f"{t:.0%}": time_to(clock.curve, t) for t in THRESHOLDS},
               "params": sum(p.numel() for p in model.parameters()), "curve": clock.curve,
@@ -115,9 +116,11 @@ def table(rows: list[dict], meta: dict, prov: dict) -> str:
     """The comparison as the README shows it: caption, then one row per model."""
     ttt = next((r for r in rows if r["model"] == "ttt_linear"), None)
     at = any("scored_at" in r for r in rows)
-    header = ["model", *(["scored at"] if at else []), "test acc % (95% CI)", "best val acc %", "test ms / episode", "cost / TTT-Linear",
+    header = ["model", *(["scored at"] if at else []), "test acc % (95% CI)", "best val acc %", "test ms / episode",
+              "cost / TTT-Linear",
               *(f"s to {t:.0%} val" for t in THRESHOLDS), "train s", "train steps", "train episodes", "params"]
-    cells = [[r["model"], *([r["scored_at"]] if at else []), f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}", f"{100 * r['best_val_acc']:.2f}",
+    cells = [[r["model"], *([r["scored_at"]] if at else []), f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}",
+              f"{100 * r['best_val_acc']:.2f}",
               f"{r['test_ms_per_episode']:.1f}",
               f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x" if ttt and not at else "-",
               *(_seconds(r["time_to"][f"{t:.0%}"]) for t in THRESHOLDS), f"{r['train_seconds']:.0f}",

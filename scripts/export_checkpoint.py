@@ -22,7 +22,7 @@ import torch
 from ttt_meta.checkpointing import check_checkpoint
 from ttt_meta.cli import set_threads
 from ttt_meta.measure import provenance, write_results
-from ttt_meta.runs import build, score
+from ttt_meta.runs import TrainingClock, build, callback_state, score
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("state_dict", "hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "pytorch-lightning_version",
@@ -64,9 +64,12 @@ def main(argv=None) -> dict:
     check_cli = build(args.config, [*args.override, f"data.test_episodes={CHECK_EPISODES}"])
     check_cli.model.load_state_dict(ckpt["state_dict"])
     check = score(check_cli.model, check_cli.datamodule, device)
-    clock = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("TrainingClock")), None)
-    training = ({"seconds": clock["seconds"], "steps": ckpt["global_step"],
-                 "segments": clock["segments"]} if clock else {"note": args.training_note, "steps": ckpt["global_step"]})
+    clock = callback_state(ckpt, TrainingClock)
+    training = {"steps": ckpt["global_step"]}
+    if clock:
+        training.update(seconds=clock["seconds"], segments=clock["segments"])
+    if args.training_note:
+        training["note"] = args.training_note
     spec = cli.datamodule.eval_spec
     report = {"config": str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT)
               else str(args.config), "overrides": args.override, "source": str(args.ckpt),

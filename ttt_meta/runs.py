@@ -145,14 +145,14 @@ class TrainingClock(L.Callback):
         self.seconds, self.curve, self.segments = state["seconds"], list(state["curve"]), list(state["segments"])
 
 
-def _callback_state(ckpt: dict, kind: type) -> dict:
+def callback_state(ckpt: dict, kind: type) -> dict:
     """The state a checkpoint holds for the callback of class `kind` (Lightning keys it by class name and args)."""
     return next((v for k, v in ckpt.get("callbacks", {}).items() if k.split("{")[0] == kind.__name__), {})
 
 
 def train_for(config: Path, run_name: str, overrides: list[str], seconds: float,
-              val_every_seconds: float) -> tuple[TTTMetaCLI, TrainingClock, Path]:
-    """(the run with its best checkpoint's weights loaded, its clock, that checkpoint): `config` trained as run
+              val_every_seconds: float) -> tuple[TTTMetaCLI, TrainingClock, int]:
+    """(the run with its best checkpoint's weights loaded, its clock, that checkpoint's step): `config` trained as run
     `run_name` until its TrainingClock reaches `seconds`, validating every `val_every_seconds` of wall time. A run
     of that name that an earlier call left (its newest ``last.ckpt``) is continued exactly (same version folder)
     when it has trained less, and only reloaded when it has trained as long or longer."""
@@ -161,8 +161,9 @@ def train_for(config: Path, run_name: str, overrides: list[str], seconds: float,
     except MissingInput:
         last = None
     clock = TrainingClock(seconds)
-    if last is not None:
-        clock.load_state_dict(_callback_state(read_checkpoint(last), TrainingClock))
+    saved = read_checkpoint(last) if last is not None else None
+    if saved is not None:
+        clock.load_state_dict(callback_state(saved, TrainingClock))
     every = max(1, round(val_every_seconds))
     interval = f"{every // 86400:02d}:{every // 3600 % 24:02d}:{every // 60 % 60:02d}:{every % 60:02d}"  # DD:HH:MM:SS
     cli = build(config, [*overrides, "trainer.max_steps=-1", "trainer.max_epochs=-1",
@@ -171,11 +172,13 @@ def train_for(config: Path, run_name: str, overrides: list[str], seconds: float,
         cli.trainer.callbacks.insert(0, clock)
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last, weights_only=False)
         last = newest_last_checkpoint(run_name)
-    best = Path(_callback_state(read_checkpoint(last), ModelCheckpoint).get("best_model_path") or last)
+        saved = read_checkpoint(last)
+    best = Path(callback_state(saved, ModelCheckpoint).get("best_model_path") or last)
     if not best.is_file():  # a last.ckpt written before the final validation replaced the best (save_top_k=1)
         best = max(last.parent.glob("best-*.ckpt"), key=lambda path: path.stat().st_mtime, default=last)
-    cli.model.load_state_dict(check_checkpoint(best, cli.model)["state_dict"])
-    return cli, clock, best
+    ckpt = check_checkpoint(best, cli.model)
+    cli.model.load_state_dict(ckpt["state_dict"])
+    return cli, clock, int(ckpt["global_step"])
 
 
 def score(model, dm, device: torch.device) -> dict:
