@@ -1,6 +1,7 @@
 """Shipped configs: each resolves (parts composed, as `python -m ttt_meta fit --config F` does) to the settings it
-had before the configs were composed from parts (tests/expected_configs.json, recorded at commit 2c2b0d4; options
-added since then are not compared), and composition reports a broken part."""
+had before the configs were composed from parts (tests/expected_configs.json, recorded at commit 2c2b0d4, with
+the TTT Omniglot settings chosen since on validation; options added since then are not compared), and composition
+reports a broken part."""
 
 import json
 from pathlib import Path
