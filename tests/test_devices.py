@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,6 +111,37 @@ def test_training_step_reads_nothing_back(case, tmp_path, monkeypatch):
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 4
     assert reads.seen == []
+
+
+class SyncWarnings(L.Callback):
+    """On CUDA: torch.cuda.set_sync_debug_mode("warn") from the start of step `first` to the start of `last`."""
+
+    def __init__(self, first: int = 1, last: int = 3):
+        self.first, self.last = first, last
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode(1 if self.first <= trainer.global_step < self.last else 0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.device
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["ttt_linear", "ttt_options", "lstm", "attention", "protonet", "maml"])
+def test_fit_steps_on_gpu_never_synchronise(case, tmp_path, monkeypatch):
+    """Two whole training steps of a Lightning fit on the GPU in bf16-mixed (Lightning's loop, our hooks and
+    callbacks) make no synchronising CUDA call: torch's sync debug mode warns at each."""
+    monkeypatch.chdir(tmp_path)
+    config, *extra = STEP_CASES[case]
+    cli = main(["--config", config, *extra, "--trainer.max_steps=4", "--trainer.log_every_n_steps=50",
+                "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed"], run=False)
+    cli.trainer.callbacks.append(SyncWarnings())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 4
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []
 
 
 def test_read_backs_are_seen(monkeypatch):
