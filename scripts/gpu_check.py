@@ -5,7 +5,7 @@
     python scripts/gpu_check.py --smoke          # CPU, tiny, seconds: every step below runs (tests/test_devices.py)
 
 1. The device-sensitive tests (``pytest -m device``: TTT forms, bf16 inner loop, compiled form, a training step
-   of each learner with ``torch.cuda.set_sync_debug_mode("error")``) on the GPU -> gpu_tests.json.
+   of each learner under ``torch.cuda.set_sync_debug_mode("warn")``) on the GPU -> gpu_tests.json.
 2. TTT-Linear on Omniglot 5w1s and 20w1s, each for ``--minutes`` of training steps in bf16-mixed, scored on the
    600 fixed test episodes (``scripts/compare.py``, runs ``compare_omniglot_<setting>_ttt_linear_gpu``)
    -> gpu_compare_omniglot_5w1s.json, gpu_compare_omniglot_20w1s.json.
@@ -13,7 +13,8 @@
    -> gpu_bench_episodes.json.
 4. The layers bench up to T=8192: TTT-Linear and TTT-MLP (primal, dual, compiled), the LSTM, attention
    -> gpu_bench_layers.json.
-Then one summary table, printed and written as gpu_check.json (with provenance, like every results file).
+Steps 2 to 4 run the scripts named, each in its own process. Then one summary table, printed and written as
+gpu_check.json (with provenance, like every results file).
 
 ``--smoke`` runs the same four steps on CPU with tiny settings (one device test, synthetic data, seconds of
 training, short sequences, no compiled form: its compilation takes longer than the rest) into a fresh folder
@@ -32,16 +33,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_episodes  # noqa: E402
-import bench_layers  # noqa: E402
-import compare  # noqa: E402
-
-from ttt_meta.cli import command_line  # noqa: E402
-from ttt_meta.errors import UserError  # noqa: E402
-from ttt_meta.measure import hardware_text, markdown_table, provenance, write_results  # noqa: E402
+from ttt_meta.cli import command_line
+from ttt_meta.errors import UserError
+from ttt_meta.measure import hardware_text, markdown_table, provenance, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE_LAYERS = [f"{core} {form}" for core in ("ttt_linear", "ttt_mlp") for form in ("primal", "dual")] + ["lstm",
+                                                                                                      "attention"]
 SETTINGS = ("5w1s", "20w1s")
 TINY = ["data.dataset=synthetic", "data.rotations=false", "data.val_episodes=4", "data.test_episodes=8",
         "data.eval_batch_size=4", "data.meta_batch_size=2", "data.train_batches_per_epoch=4",
@@ -62,6 +60,13 @@ def run_tests(out: Path, smoke: bool, prov: dict) -> dict:
     return result
 
 
+def script(name: str, args: list[str], out: Path, result: str) -> dict:
+    """Run ``scripts/<name>.py args --name result --out out`` in its own process; its results file's contents."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args, "--name", result, "--out", str(out)],
+                   check=True)
+    return json.loads((out / f"{result}.json").read_text())
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="the same steps on CPU, tiny, in seconds")
@@ -79,22 +84,19 @@ def main(argv=None) -> str:
     minutes = 0.05 if args.smoke else args.minutes
     accuracy = {}
     for setting in SETTINGS:
-        name = f"gpu_compare_omniglot_{setting}"
         overrides = ["--override", *TINY] if args.smoke else []
-        rows = compare.main(["--setting", setting, "--minutes", str(minutes), "--val-every", str(10 * minutes),
-                             "--models", "ttt_linear", "--variants", "gpu", "--name", name, "--out", str(out),
-                             *overrides])
-        accuracy[setting] = rows[0]
+        compared = script("compare", ["--setting", setting, "--minutes", str(minutes), "--val-every",
+                                      str(10 * minutes), "--models", "ttt_linear", "--variants", "gpu", *overrides],
+                          out, f"gpu_compare_omniglot_{setting}")
+        accuracy[setting] = compared["rows"][0]
 
-    bench_episodes.main(["--models", "ttt_linear", "maml_10", "--settings", *(["5w1s"] if args.smoke else
-                         ["5w1s", "5w5s", "20w5s"]), *(["--episode-batch", "2", "--repeats", "1", "--min-seconds",
-                         "0"] if args.smoke else []), "--name", "gpu_bench_episodes", "--out", str(out)])
-    episodes = bench_episodes_ratios(out)
-    layers = ([name for name in bench_layers.LAYERS if not name.endswith("compiled")] if args.smoke
-              else list(bench_layers.LAYERS))
-    layer_rows = bench_layers.main(["--layers", *layers, "--name", "gpu_bench_layers", "--out", str(out),
-                                    *(["--lengths", "16", "32", "--batch", "1", "--width", "16", "--repeats", "1",
-                                       "--min-seconds", "0", "--fit-from", "16"] if args.smoke else [])])
+    episodes = script("bench_episodes", ["--models", "ttt_linear", "maml_10", "--settings",
+                                         *(["5w1s", "--episode-batch", "2", "--repeats", "1", "--min-seconds", "0"]
+                                           if args.smoke else ["5w1s", "5w5s", "20w5s"])],
+                      out, "gpu_bench_episodes")["ratios"]["maml_10 / ttt_linear"]
+    layer_rows = script("bench_layers", ["--layers", *SMOKE_LAYERS, "--lengths", "16", "32", "--batch", "1",
+                                         "--width", "16", "--repeats", "1", "--min-seconds", "0", "--fit-from", "16"]
+                        if args.smoke else [], out, "gpu_bench_layers")["rows"]
     longest = max(r["T"] for r in layer_rows)
 
     cells = [["device tests", f"{tests['passed']} passed, {tests['failed']} failed"]]
@@ -112,11 +114,6 @@ def main(argv=None) -> str:
     if tests["failed"] or tests["returncode"]:
         print(f"device tests failed: {tests['failures'] or tests['summary']}", file=sys.stderr)
     return text
-
-
-def bench_episodes_ratios(out: Path) -> dict[str, float]:
-    """MAML-10 / TTT-Linear ms per episode by setting, from the episodes bench's file."""
-    return json.loads((out / "gpu_bench_episodes.json").read_text())["ratios"]["maml_10 / ttt_linear"]
 
 
 if __name__ == "__main__":
