@@ -2,6 +2,7 @@
 
     python scripts/bench_episodes.py                          # results/bench_episodes.{json,md,png}
     python scripts/bench_episodes.py --models ttt_linear maml_10 --settings 5w1s --repeats 1 --out /tmp/b
+    python scripts/bench_episodes.py --device cuda --name gpu_bench_episodes    # on a GPU (scripts/gpu_check.py)
 
 Test-time milliseconds per episode of each model as its Omniglot config builds it (weights untrained: the cost
 does not depend on them), on random 28x28 episodes with 15 queries per class: 5-way 1-shot, 5-way 5-shot,
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import torch
 
 from ttt_meta.cli import set_threads
 from ttt_meta.learners import MAMLLearner
@@ -40,13 +43,14 @@ def measure_episode(model_name: str, setting: str, args) -> dict:
     raise_ways = ([f"model.init_args.ways={ways}"] if config in ("maml", "metasgd") else
                   [] if config == "protonet" else [f"model.init_args.max_ways={max(ways, 20)}"])
     cli = build(ROOT / "configs" / "omniglot" / f"{config}_{base}.yaml", [*raise_ways, f"data.ways={ways}"])
-    model = cli.model.eval()
+    model = cli.model.eval().to(args.device)
     if steps is not None:
         model.hparams.test_steps = steps
     if isinstance(model, MAMLLearner):
         steps = model.hparams.test_steps
     batch = random_episodes(n, ways, shots, QUERIES, 28, channels=1)  # grayscale, as Omniglot
-    ms = 1000 * median_seconds(lambda: evaluate(model, batch), args.repeats, args.min_seconds) / n
+    batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    ms = 1000 * median_seconds(lambda: evaluate(model, batch), args.repeats, args.min_seconds, device=args.device) / n
     return {"model": model_name, "setting": setting, "support_tokens": ways * shots, "query_tokens": ways * QUERIES,
             "ms_per_episode": ms, "adaptation_steps": steps, "episodes_per_batch": n}
 
@@ -64,10 +68,10 @@ def write(rows: list[dict], prov: dict, args) -> str:
     cells = [[m, *(f"{at[m, s]['ms_per_episode']:.1f}" for s in settings)] for m in models]
     cells += [[f"**{name}**", *(f"**{r:.2f}x**" for r in by.values())] for name, by in ratios.items()]
     text = "\n".join([f"Test-time milliseconds per episode (Omniglot 28x28, {QUERIES} queries per class; batches of "
-                      f"{args.episode_batch} episodes, 1 for the many-shot settings, under inference_mode; "
-                      f"{hardware_text(prov)}).", "", markdown_table(header, cells)]) + "\n"
-    write_results(args.out, "bench_episodes", {"rows": rows, "ratios": ratios}, text, prov)
-    _plot(at, models, settings, args.out / "bench_episodes.png")
+                      f"{args.episode_batch} episodes, 1 for the many-shot settings, under inference_mode, on "
+                      f"{args.device}; {hardware_text(prov)}).", "", markdown_table(header, cells)]) + "\n"
+    write_results(args.out, args.name, {"rows": rows, "ratios": ratios}, text, prov)
+    _plot(at, models, settings, args.out / f"{args.name}.png")
     return text
 
 
@@ -92,6 +96,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--episode-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to measure (default: cuda when there is one)")
+    parser.add_argument("--name", default="bench_episodes", help="results file name")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     set_threads()

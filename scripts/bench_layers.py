@@ -45,15 +45,16 @@ def measure(name: str, T: int, args) -> dict:
     core, form = LAYERS[name]
     torch.manual_seed(0)
     layer = make_core(core, args.width, args.heads, mini_batch_size=args.mini_batch, **({"form": form} if form else {}))
-    x = torch.randn(args.batch, T, args.width, requires_grad=True)
+    layer.to(args.device)
+    x = torch.randn(args.batch, T, args.width, device=args.device, requires_grad=True)
 
     def step():
         layer(x).square().mean().backward()
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
-    ms = 1000 * median_seconds(step, args.repeats, args.min_seconds)
-    return {"layer": name, "T": T, "ms": ms, "peak_mb": peak_tensor_mb(step)}
+    ms = 1000 * median_seconds(step, args.repeats, args.min_seconds, device=args.device)
+    return {"layer": name, "T": T, "ms": ms, "peak_mb": peak_tensor_mb(step, args.device)}
 
 
 def write(rows: list[dict], meta: dict, prov: dict, args) -> str:
@@ -76,7 +77,7 @@ def write(rows: list[dict], meta: dict, prov: dict, args) -> str:
               for kind in CORES for fast in FORMS
               if fast != "primal" and f"{kind} primal" in names and f"{kind} {fast}" in names}
     head = (f"Forward+backward per layer: B={meta['batch']}, width {meta['width']}, {meta['heads']} heads (head dim "
-            f"{meta['width'] // meta['heads']}), TTT inner mini-batch {meta['mini_batch']}, float32, "
+            f"{meta['width'] // meta['heads']}), TTT inner mini-batch {meta['mini_batch']}, float32 on {meta['device']}, "
             f"{hardware_text(prov)}. Milliseconds (median) / peak MB of live tensors.")
     cells = [[t, *(f"{at[n, t]['ms']:.1f} ms / {at[n, t]['peak_mb']:.0f} MB" if (n, t) in at else "-" for n in names)]
              for t in lengths]
@@ -90,9 +91,9 @@ def write(rows: list[dict], meta: dict, prov: dict, args) -> str:
     for kind, by_t in ratios.items():
         lines += ["", f"{kind}: " + ", ".join(f"T={t}: {r:.2f}x" for t, r in by_t.items())]
     text = "\n".join(lines) + "\n"
-    write_results(out, "bench_layers", {"meta": meta, "rows": rows, "summary": summary,
+    write_results(out, args.name, {"meta": meta, "rows": rows, "summary": summary,
                                         "speedup over primal": ratios}, text, prov)
-    _plot(rows, names, meta, prov, out / "bench_layers.png")
+    _plot(rows, names, meta, prov, out / f"{args.name}.png")
     return text
 
 
@@ -126,10 +127,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--fit-from", type=int, default=1024)
     parser.add_argument("--primal-max", type=int, default=4096,
                         help="longest T for the primal (reference) forms; TTT-MLP's needs ~10 GB at 8192")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to measure (default: cuda when there is one)")
+    parser.add_argument("--name", default="bench_layers", help="results file name")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     set_threads()
-    meta = {"batch": args.batch, "width": args.width, "heads": args.heads, "mini_batch": args.mini_batch}
+    meta = {"batch": args.batch, "width": args.width, "heads": args.heads, "mini_batch": args.mini_batch,
+            "device": args.device}
     prov = provenance(__file__, argv)
     rows = printed_rows(measure(name, T, args) for name in args.layers for T in args.lengths
                         if LAYERS[name][1] != "primal" or T <= args.primal_max)

@@ -44,9 +44,8 @@ def pre_option_logits(m, support, support_labels, query, ways):
     feats = m.encoder(torch.cat([support, query], dim=1).flatten(0, 1)).view(B, NK + NQ, -1)
     labels = torch.cat([support_labels, support_labels.new_full((B, NQ), m.max_ways)], dim=1)
     x = m.embed(feats) + m.label_embed(labels)
-    write_mask = (torch.arange(NK + NQ) < NK).expand(B, -1)
     for block in m.blocks:
-        x = block(x, write_mask)
+        x = block(x, NK)
     logits = m.head(m.norm(x[:, NK:]))
     if m.tied_head:
         logits = logits @ m.label_embed.weight[:m.max_ways].T * m.label_embed.embedding_dim**-0.5

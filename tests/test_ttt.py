@@ -20,11 +20,11 @@ def _inputs(T, seed=0, scale=1.0, dtype=torch.float64):
     return (q, k, v, eta), ln, lin, mlp
 
 
-def _run(kind, qkve, ln, lin, mlp, m, form):
+def _run(kind, qkve, ln, lin, mlp, m, form, writers=None):
     if kind == "linear":
-        z, W, b = ttt_linear(*qkve, *lin, *ln, m, form=form)
+        z, W, b = ttt_linear(*qkve, *lin, *ln, m, form=form, writers=writers)
         return z, (W, b)
-    return ttt_mlp(*qkve, *mlp, *ln, m, form=form)
+    return ttt_mlp(*qkve, *mlp, *ln, m, form=form, writers=writers)
 
 
 def _rel(a, b):
@@ -95,11 +95,17 @@ def test_mini_batch_one_is_online_gradient_descent(kind):
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("form", ["primal", "dual"])
 def test_read_only_tokens(kind, form):
-    """Tokens with eta 0 leave the state alone; permuting them permutes their outputs and nothing else."""
+    """Tokens with eta 0 leave the state alone; permuting them permutes their outputs and nothing else. Saying
+    that only the first n_write tokens write (the trailing read-only tokens evaluated after the scan) changes
+    nothing either."""
     n_write, n_read, m = 10, 9, 4
     (q, k, v, eta), ln, lin, mlp = _inputs(n_write + n_read, seed=3)
     eta[:, :, n_write:] = 0
-    z, state = _run(kind, (q, k, v, eta), ln, lin, mlp, m, form)
+    z, state = _run(kind, (q, k, v, eta), ln, lin, mlp, m, form, writers=n_write)
+    z_all, state_all = _run(kind, (q, k, v, eta), ln, lin, mlp, m, form)
+    torch.testing.assert_close(z_all, z, rtol=1e-12, atol=1e-12)
+    for a, b in zip(state_all, state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     w = slice(0, n_write)
     z_w, state_w = _run(kind, (q[:, :, w], k[:, :, w], v[:, :, w], eta[:, :, w]), ln, lin, mlp, m, form)
     for a, b in zip(state, state_w, strict=True):
@@ -107,7 +113,7 @@ def test_read_only_tokens(kind, form):
     torch.testing.assert_close(z[:, :, w], z_w, rtol=1e-12, atol=1e-12)
     perm = torch.randperm(n_read, generator=torch.Generator().manual_seed(0)) + n_write
     order = torch.cat([torch.arange(n_write), perm])
-    z_p, state_p = _run(kind, tuple(x[:, :, order] for x in (q, k, v, eta)), ln, lin, mlp, m, form)
+    z_p, state_p = _run(kind, tuple(x[:, :, order] for x in (q, k, v, eta)), ln, lin, mlp, m, form, writers=n_write)
     torch.testing.assert_close(z_p, z[:, :, order], rtol=1e-12, atol=1e-12)
     for a, b in zip(state_p, state, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -137,7 +143,7 @@ def test_outer_gradients_gradcheck(kind, form):
 
     def out(*xs):
         eta_all = torch.cat([xs[3], xs[3].new_zeros(1, 1, 2)], dim=-1)
-        res = fn(*xs[:3], eta_all, *xs[4:], 2, form=form)
+        res = fn(*xs[:3], eta_all, *xs[4:], 2, form=form, writers=3)
         return res[0], *(res[1:] if kind == "linear" else res[1])
 
     assert torch.autograd.gradcheck(out, inputs + params)
@@ -148,13 +154,11 @@ def test_layer_inference_mode_equals_training_forward(cls):
     torch.manual_seed(0)
     layer = cls(width=16, num_heads=2, mini_batch_size=4).double()
     x = torch.randn(3, 11, 16, dtype=torch.float64)
-    mask = torch.arange(11) < 6
-    mask = mask.expand(3, 11)
-    y = layer(x, mask)
+    y = layer(x, 6)
     y.sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
     with torch.inference_mode():
-        y_eval = layer.eval()(x, mask)
+        y_eval = layer.eval()(x, 6)
     torch.testing.assert_close(y_eval, y.detach())
     assert y.shape == x.shape
 
@@ -163,24 +167,27 @@ def test_layer_inference_mode_equals_training_forward(cls):
 def test_layer_forms_share_qk_and_inner_epochs(cls):
     torch.manual_seed(0)
     x = torch.randn(2, 9, 8, dtype=torch.float64)
-    mask = (torch.arange(9) < 5).expand(2, 9)
+    writers = 5
     dual = cls(8, 2, mini_batch_size=2, share_qk=False).double()
     primal = cls(8, 2, mini_batch_size=2, share_qk=False, form="primal").double()
     primal.load_state_dict(dual.state_dict())
     for epochs in (1, 3):
-        torch.testing.assert_close(dual(x, mask, epochs), primal(x, mask, epochs), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dual(x, writers, epochs), primal(x, writers, epochs), rtol=1e-10, atol=1e-12)
     # k inner epochs: the outputs are those of the last pass, from the state the first k-1 passes left
-    q, k, v, eta = dual.views(x, mask)
-    z, state = dual.inner(q, k, v, eta, dual.initial_state())
-    z, _ = dual.inner(q, k, v, eta, state)
+    q, k, v, eta = dual.views(x, writers)
+    z, state = dual.inner(q, k, v, eta, dual.initial_state(), writers)
+    z, _ = dual.inner(q, k, v, eta, state, writers)
     expected = dual.theta_o(dual.post_norm(z.transpose(1, 2).reshape(2, 9, 8)))
-    torch.testing.assert_close(dual(x, mask, inner_epochs=2), expected)
-    assert not torch.allclose(dual(x, mask, 2), dual(x, mask, 1))
+    torch.testing.assert_close(dual(x, writers, inner_epochs=2), expected)
+    assert not torch.allclose(dual(x, writers, 2), dual(x, writers, 1))
     assert {"W0", "b0"} <= {n for n, _ in dual.named_parameters()} or {"W1", "W2"} <= {n for n, _ in dual.named_parameters()}
     assert dual.theta_q is not None and cls(8, 2).theta_q is None
 
 
 def test_bad_arguments():
+    (q, k, v, eta), ln, lin, _ = _inputs(T=5)
+    with pytest.raises(ValueError, match="writers"):
+        ttt_linear(q, k, v, eta, *lin, *ln, 4, writers=6)
     with pytest.raises(ValueError, match="mini_batch_size"):
         TTTLinear(8, 2, mini_batch_size=0)
     with pytest.raises(ValueError, match="eta_base"):
@@ -198,9 +205,8 @@ def test_recorded_inner_loss_matches_the_update(cls):
     torch.manual_seed(0)
     layer = cls(16, 2, mini_batch_size=8, eta_base=1.0).double()
     x = torch.randn(3, 8, 16, dtype=torch.float64)
-    mask = torch.arange(8) < 6
     layer.record = True
-    layer(x, mask.expand(3, -1))
+    layer(x, 6)
     r = layer.last_record
     start = tuple(t.expand(3, *t.shape).clone().requires_grad_() for t in r["start"])  # one state per episode
     loss = (r["eta"] * layer.inner_loss(r["k"], r["v"], start)).sum()
@@ -221,17 +227,17 @@ def test_compiled_form_equals_dual(cls):
     compiled = cls(16, 2, mini_batch_size=4, form="compiled").double()
     compiled.load_state_dict(dual.state_dict())
     x = torch.randn(3, 15, 16, dtype=torch.float64)
-    mask = (torch.arange(15) < 10).expand(3, 15)
+    writers = 10
     outs = []
     for layer in (dual, compiled):
-        y = layer(x, mask)
+        y = layer(x, writers)
         y.square().sum().backward()
         outs.append((y.detach(), [p.grad for p in layer.parameters()]))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-10)
     for a, b in zip(outs[1][1], outs[0][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(x, mask), dual(x, mask), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(compiled(x, writers), dual(x, writers), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
@@ -241,12 +247,12 @@ def test_inner_loop_stays_float32_under_autocast(cls):
     torch.manual_seed(0)
     layer = cls(16, 2, mini_batch_size=4)
     x = torch.randn(3, 12, 16)
-    mask = (torch.arange(12) < 8).expand(3, 12)
-    want = layer(x, mask)
+    writers = 8
+    want = layer(x, writers)
     calls, inner = [], layer.inner
     layer.inner = lambda *a: calls.append((a, inner(*a))) or calls[-1][1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = layer(x, mask)
+        got = layer(x, writers)
     (args, (z, state)), = calls
     assert all(t.dtype == torch.float32 for t in (z, *args[:4], *state))
     z32, state32 = inner(*args)
@@ -264,14 +270,15 @@ def test_grouped_scan_equals_one_mini_batch_per_call(kind):
 
     (q, k, v, eta), ln, lin, mlp = _inputs(T=30, seed=6)
     eta[:, :, 27:] = 0  # trailing read-only tokens, read after the scan
+    n = ttt._scan_length(27, 30, 4)
     lw, lb = ln[0].unsqueeze(1), ln[1].unsqueeze(1)
     if kind == "linear":
         W, b = lin[0].expand(B, *lin[0].shape), lin[1].expand(B, *lin[1].shape).unsqueeze(2)
-        one = ttt._linear_dual(q, k, v - k, eta, W, b, lw, lb, 4)
-        grouped = ttt._linear_dual(q, k, v - k, eta, W, b, lw, lb, 4, group=3)
+        one = ttt._linear_dual(q, k, v - k, eta, W, b, lw, lb, 4, n)
+        grouped = ttt._linear_dual(q, k, v - k, eta, W, b, lw, lb, 4, n, group=3)
     else:
         state = tuple(p.expand(B, *p.shape) for p in mlp)
         state = (state[0], state[1].unsqueeze(2), state[2], state[3].unsqueeze(2))
-        one = ttt._mlp_dual(q, k, v - k, eta, state, lw, lb, 4)
-        grouped = ttt._mlp_dual(q, k, v - k, eta, state, lw, lb, 4, group=3)
+        one = ttt._mlp_dual(q, k, v - k, eta, state, lw, lb, 4, n)
+        grouped = ttt._mlp_dual(q, k, v - k, eta, state, lw, lb, 4, n, group=3)
     torch.testing.assert_close(grouped, one, rtol=1e-12, atol=1e-12)

@@ -328,11 +328,11 @@ def main(args: list[str] | None = None, run: bool = True, resume: str | Path | N
         raise SystemExit(128 + signum) from None
 
 
-def command_line() -> None:
-    """``python -m ttt_meta``: a UserError ends as ``error: <message>`` on stderr with exit status 2 and no
-    traceback (unless TTT_META_DEBUG=1); any other exception keeps its traceback."""
+def command_line(entry=None) -> None:
+    """``python -m ttt_meta`` (or a script's `entry` function): a UserError ends as ``error: <message>`` on stderr
+    with exit status 2 and no traceback (unless TTT_META_DEBUG=1); any other exception keeps its traceback."""
     try:
-        main()
+        (entry or main)()
     except UserError as error:
         if _debug():
             raise

@@ -109,7 +109,8 @@ class TrainingClock(L.Callback):
 
     ``seconds`` sums the wall time of the training steps (forward, backward, optimiser step: from
     ``on_train_batch_start`` to ``on_train_batch_end``; no validation, no checkpoint writes), so the budget does
-    not depend on how often a run validates. When it reaches the budget the run stops, after a last validation
+    not depend on how often a run validates (on a GPU the host runs ahead of the device, so a step's span ends
+    when its work is queued; the sum catches up at the next read, at the latest at each validation). When it reaches the budget the run stops, after a last validation
     (Lightning validates when a callback stops a fit). ``curve`` holds {"step", "seconds", "val_acc"} of each
     validation, ``segments`` the provenance of each fit that trained the run (from step / seconds). All three are
     saved in the run's checkpoints, so a fit resumed from ``last.ckpt`` continues them.

@@ -174,6 +174,10 @@ class EpisodeDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _pin_memory(self) -> bool:
+        """Page-locked batches when training on a GPU: each batch then moves to it in one asynchronous copy."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         rank, _ = self._rank()
@@ -182,7 +186,7 @@ class EpisodeDataModule(L.LightningDataModule):
                                           hp.train_batches_per_epoch, hp.rotations, seed, start=self.resume_at,
                                           augment=hp.augment, label_space=hp.label_space)
         # workers are forked for each epoch, so each epoch's copy of the stream starts at the current batch
-        return DataLoader(self.train_stream, batch_size=None, num_workers=hp.num_workers)
+        return DataLoader(self.train_stream, batch_size=None, num_workers=hp.num_workers, pin_memory=self._pin_memory())
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if "batch_index" in batch:  # a training batch is consumed (not merely prefetched): the stream moves on
@@ -201,7 +205,8 @@ class EpisodeDataModule(L.LightningDataModule):
         rank, world = self._rank()
         fixed = FixedEpisodes(self.splits[split], self.eval_spec, episodes, seed)
         shard = torch.utils.data.Subset(fixed, range(rank, episodes, world)) if world > 1 else fixed
-        return DataLoader(shard, batch_size=self.hparams.eval_batch_size, collate_fn=_identity)
+        return DataLoader(shard, batch_size=self.hparams.eval_batch_size, collate_fn=_identity,
+                          pin_memory=self._pin_memory())
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed("val", self.hparams.val_episodes, self.hparams.val_seed)

@@ -21,6 +21,7 @@ from ..measure import confidence_interval, episode_accuracy
 
 
 LR_SCHEDULES = ("cosine", "constant")
+_NONE = 2**62  # "no such step" for the device-side first non-finite step
 
 
 class EpisodicLearner(L.LightningModule):
@@ -48,7 +49,8 @@ class EpisodicLearner(L.LightningModule):
             raise UserError(f"unknown lr_schedule {lr_schedule!r}. Set model.init_args.lr_schedule to one of "
                             f"{list(LR_SCHEDULES)}")
         self.save_hyperparameters(logger=False)  # the subclass's arguments too; the CLI logs the whole config
-        self.train_acc, self.val_acc, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # nan_strategy "disable": the default NaN check reads every update back from the device
+        self.train_acc, self.val_acc, self.val_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
 
     def ways_served(self) -> tuple[int, int | None]:
@@ -107,21 +109,41 @@ class EpisodicLearner(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, acc = self.loss_and_accuracy(batch)
-        self.stop_if_not_finite(loss)
+        self.note_if_not_finite(loss)
         self.train_acc(acc)
         n = len(acc)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         return loss
 
-    def stop_if_not_finite(self, loss: Tensor) -> None:
-        """Stop the run (every process) before a NaN or infinite loss reaches the weights."""
-        bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
-        if bad:
+    def note_if_not_finite(self, loss: Tensor) -> None:
+        """Keep, on the loss's device, the first step whose training loss is NaN or infinite (no value is read
+        back: a training step never waits for the device). ``stop_if_diverged`` reads it."""
+        if getattr(self, "_first_bad_step", None) is None or self._first_bad_step.device != loss.device:
+            self._first_bad_step = torch.full((), _NONE, dtype=torch.long, device=loss.device)
+        bad_now = torch.where(torch.isfinite(loss.detach()), _NONE, self.global_step)
+        self._first_bad_step = torch.minimum(self._first_bad_step, bad_now)
+
+    def stop_if_diverged(self) -> None:
+        """Stop the run (every process) if some process had a non-finite training loss since the run started.
+        Called when the logger reads the loss anyway (every trainer.log_every_n_steps steps) and before any
+        checkpoint is written, so no checkpoint ever holds the weights such a step produced."""
+        first = getattr(self, "_first_bad_step", None)
+        step = int(first) if first is not None else _NONE  # the one read back, at a log step or checkpoint write
+        if self.trainer.strategy.reduce_boolean_decision(step != _NONE, all=False):
+            where = f"at step {step}" if step != _NONE else "in another process"
             raise TrainingDiverged(
-                f"the training loss is {loss.item()} at step {self.global_step}: the run stopped before it reached the "
+                f"the training loss was not finite {where}: the run stopped before it wrote a checkpoint of those "
                 f"weights, and the last good state is in the run's last.ckpt. Lower model.init_args.lr, keep "
                 f"trainer.gradient_clip_val, or resume from last.ckpt with a smaller learning rate")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.stop_if_diverged()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.stop_if_diverged()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, acc = self.loss_and_accuracy(batch)

@@ -1,7 +1,8 @@
-"""Sequence cores, one interface: ``core(x [B, T, d], write_mask [B, T] bool) -> [B, T, d]``.
+"""Sequence cores, one interface: ``core(x [B, T, d], writers: int | None) -> [B, T, d]``.
 
-Tokens with write_mask False (the queries of an episode) only read: no core lets a query influence another
-token, so each query's output depends on the supports and itself alone.
+The first `writers` tokens (the supports of an episode) write; the rest (the queries) only read: no core lets a
+query influence another token, so each query's output depends on the supports and itself alone. `writers` is a
+Python int (the host knows it from the batch's shapes), so no core reads a value back from the device.
 
 - ``ttt_linear`` / ``ttt_mlp``: TTT layers (``ttt.py``); read-only tokens get inner learning rate 0.
 - ``lstm``: an LSTM layer reads the supports once; every query then takes one LSTM step from the supports'
@@ -20,14 +21,6 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .ttt import TTTMLP, TTTLinear
-
-
-def _support_count(write_mask: Tensor) -> int:
-    """Number of writing tokens, which must be a prefix of the sequence, the same in every episode."""
-    n = int(write_mask[0].sum())
-    if not bool((write_mask == (torch.arange(write_mask.shape[1], device=write_mask.device) < n)).all()):
-        raise ValueError("this core needs the writing tokens (supports) first and the same count in every sequence")
-    return n
 
 
 class LSTMCore(nn.Module):
@@ -49,9 +42,9 @@ class LSTMCore(nn.Module):
             self.lstm.bias_hh_l0[hidden:2 * hidden].zero_()
         self.out = nn.Linear(hidden, width, bias=False)
 
-    def forward(self, x: Tensor, write_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, writers: int | None = None) -> Tensor:
         B, T, d = x.shape
-        n = T if write_mask is None else _support_count(write_mask)
+        n = T if writers is None else writers
         hs, (h, c) = self.lstm(x[:, :n])
         outs = [hs]
         if n < T:
@@ -74,12 +67,12 @@ class AttentionCore(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.out = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: Tensor, write_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, writers: int | None = None) -> Tensor:
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         mask = None
-        if write_mask is not None:  # allowed[i, j]: j writes, or j is i
-            mask = (write_mask.unsqueeze(1) | torch.eye(T, dtype=torch.bool, device=x.device)).unsqueeze(1)
+        if writers is not None:  # allowed[i, j]: j writes, or j is i
+            mask = (torch.arange(T, device=x.device) < writers) | torch.eye(T, dtype=torch.bool, device=x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
 

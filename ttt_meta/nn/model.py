@@ -2,7 +2,7 @@
 
     features  = encoder(image)                                      [B, T, F], T = N*K + N*Q   (encode)
     token     = Linear(features) + code[id[label]]                  queries use the extra "no label" row
-    x         = x + core(LN(x), write_mask)  ;  x = x + MLP(LN(x))   per block; supports write, queries read
+    x         = x + core(LN(x), NK)  ;  x = x + MLP(LN(x))           per block; the NK supports write, queries read
     logits    = Linear(LN(x_query))[:, :, id]                       [B, N*Q, N]   (query_logits)
               = Linear(LN(x_query)) @ code[id].T / sqrt(width)      (tied_head)
 
@@ -55,8 +55,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x: Tensor, write_mask: Tensor) -> Tensor:
-        x = x + self.core(self.norm1(x), write_mask)
+    def forward(self, x: Tensor, writers: int | None) -> Tensor:
+        x = x + self.core(self.norm1(x), writers)
         return x + self.mlp(self.norm2(x))
 
 
@@ -116,9 +116,8 @@ class EpisodeSequenceModel(nn.Module):
         labels = torch.cat([support_labels, support_labels.new_full((B, T - NK), self.max_ways)], dim=1)
         codes = self.label_rows()
         x = self.embed(features) + F.embedding(labels, codes)
-        write_mask = (torch.arange(T, device=x.device) < NK).expand(B, -1)
         for block in self.blocks:
-            x = block(x, write_mask)
+            x = block(x, NK)
         logits = self.head(self.norm(x[:, NK:]))
         if self.tied_head:
             logits = logits @ codes[:self.max_ways].T * codes.shape[1]**-0.5

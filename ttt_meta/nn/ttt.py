@@ -21,18 +21,25 @@ Three forms compute the same thing:
   matrix products, no per-token weight copies. Trailing read-only tokens all read the final state, so they are
   evaluated in one batched product after the scan.
 - ``compiled``: the dual form with its step through ``torch.compile``, 8 mini-batches per call (fused small ops,
-  fewer calls; the first call of each shape compiles, seconds on CPU).
+  fewer calls; the first call of each shape compiles, seconds on CPU). Where no compiler is at hand (Triton on
+  CUDA, C++ on CPU) it falls back to ``dual`` with a one-line notice.
 
 Inner gradients are closed form (no autograd in the forward), so both forms run under
-``torch.inference_mode()`` and the outer loop differentiates through them. One difference: eta = 0 marks a
-read-only token, and the dual form treats the eta of trailing read-only tokens as the constant 0 (no gradient
-to it), where the primal form would give the one-sided derivative of a token that starts writing.
+``torch.inference_mode()`` and the outer loop differentiates through them. ``writers`` (an int the caller knows,
+so no value is read back from the device) says that only the first `writers` tokens may write (the rest have
+eta 0): the dual form then scans up to the end of the mini-batch of the last writer and evaluates the trailing
+read-only tokens at once; their eta is the constant 0 there (no gradient to it), where the primal form gives the
+one-sided derivative of a token that starts writing.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
+import shutil
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +91,23 @@ def _compiled(chunks):
     return torch.compile(chunks)
 
 
-def _scan(chunks, form: str) -> tuple:
+@functools.cache
+def _can_compile(device_type: str) -> bool:
+    """Whether torch.compile can build kernels for `device_type` here: Triton on CUDA, a C++ compiler on CPU.
+    When it cannot, a one-line notice (once per device type) says that the dual form runs instead."""
+    if device_type == "cuda":
+        missing = None if importlib.util.find_spec("triton") else "Triton (pip install triton)"
+    else:
+        missing = None if shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") else "a C++ compiler"
+    if missing:
+        warnings.warn(f"form=compiled needs {missing} on {device_type}; the TTT layers run the dual form instead "
+                      f"(the same numbers)", stacklevel=3)
+    return missing is None
+
+
+def _scan(chunks, form: str, device: torch.device) -> tuple:
     """(scan step, mini-batches per call) of a dual form: the eager step one at a time, or compiled, _GROUP."""
-    return (_compiled(chunks), _GROUP) if form == "compiled" else (chunks, 1)
+    return (_compiled(chunks), _GROUP) if form == "compiled" and _can_compile(device.type) else (chunks, 1)
 
 
 def _batched(p: Tensor, B: int, per_head_dims: int) -> Tensor:
@@ -94,20 +115,21 @@ def _batched(p: Tensor, B: int, per_head_dims: int) -> Tensor:
     return p if p.dim() == per_head_dims + 2 else p.expand(B, *p.shape)
 
 
-def _check(q: Tensor, eta: Tensor, mini_batch_size: int, form: str) -> None:
+def _check(q: Tensor, eta: Tensor, mini_batch_size: int, form: str, writers: int | None) -> None:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if mini_batch_size < 1:
         raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
     if q.dim() != 4 or eta.shape != q.shape[:3]:
         raise ValueError(f"expected q, k, v [B, H, T, D] and eta [B, H, T]; got q {tuple(q.shape)}, eta {tuple(eta.shape)}")
+    if writers is not None and not 0 <= writers <= q.shape[2]:
+        raise ValueError(f"writers must be in 0..T={q.shape[2]}, got {writers}")
 
 
-def _scan_length(eta: Tensor, T: int, m: int) -> int:
-    """Tokens up to the end of the mini-batch holding the last writing token; the rest only read the end state."""
-    writers = torch.nonzero(eta.detach().amax(dim=(0, 1)) > 0)
-    last = int(writers[-1]) + 1 if len(writers) else 0
-    return min(T, -(-last // m) * m)
+def _scan_length(writers: int | None, T: int, m: int) -> int:
+    """Tokens up to the end of the mini-batch holding the last of the first `writers` tokens (None: T); the rest
+    only read the end state."""
+    return T if writers is None else min(T, -(-writers // m) * m)
 
 
 def _pad_chunks(x: Tensor, n: int, m: int) -> Tensor:
@@ -119,20 +141,23 @@ def _pad_chunks(x: Tensor, n: int, m: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- TTT-Linear
-def ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, mini_batch_size: int, form: str = "dual"):
+def ttt_linear(q, k, v, eta, W0, b0, ln_weight, ln_bias, mini_batch_size: int, form: str = "dual",
+               writers: int | None = None):
     """TTT-Linear over a sequence.
 
-    q, k, v [B, H, T, D]; eta [B, H, T] (>= 0); W0 [H, D, D] or [B, H, D, D]; b0 [H, D] or [B, H, D];
-    ln_weight, ln_bias [H, D]. Returns (z [B, H, T, D], W_last [B, H, D, D], b_last [B, H, D]).
+    q, k, v [B, H, T, D]; eta [B, H, T] (>= 0, and 0 from token `writers` on when given); W0 [H, D, D] or
+    [B, H, D, D]; b0 [H, D] or [B, H, D]; ln_weight, ln_bias [H, D].
+    Returns (z [B, H, T, D], W_last [B, H, D, D], b_last [B, H, D]).
     """
-    _check(q, eta, mini_batch_size, form)
+    _check(q, eta, mini_batch_size, form, writers)
     B, H, T, D = q.shape
     W, b = _batched(W0, B, 2), _batched(b0, B, 1).unsqueeze(2)  # b [B, H, 1, D]
     lw, lb = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)
     target = v - k
     if form == "primal":
         return _linear_primal(q, k, target, eta, W, b, lw, lb, mini_batch_size)
-    return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size, *_scan(_linear_chunks, form))
+    n = _scan_length(writers, q.shape[2], mini_batch_size)
+    return _linear_dual(q, k, target, eta, W, b, lw, lb, mini_batch_size, n, *_scan(_linear_chunks, form, q.device))
 
 
 def _linear_primal(q, k, target, eta, W, b, lw, lb, m):
@@ -162,9 +187,8 @@ def _linear_chunks(kq1: Tensor, c: Tensor, AE: Tensor, Wb: Tensor, w2: Tensor, m
     return torch.cat(Zq, dim=2), Wb
 
 
-def _linear_dual(q, k, target, eta, W, b, lw, lb, m, chunks=_linear_chunks, group=1):
+def _linear_dual(q, k, target, eta, W, b, lw, lb, m, n, chunks=_linear_chunks, group=1):
     T = q.shape[2]
-    n = _scan_length(eta, T, m)
     Wb = torch.cat([W, b], dim=2)  # [B, H, D+1, D]
     Zs = []
     if n:
@@ -192,20 +216,23 @@ def _linear_dual(q, k, target, eta, W, b, lw, lb, m, chunks=_linear_chunks, grou
 
 
 # ----------------------------------------------------------------------------------------------- TTT-MLP
-def ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size: int, form: str = "dual"):
+def ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size: int, form: str = "dual",
+            writers: int | None = None):
     """TTT-MLP over a sequence: f_res(z) = gelu(z W1 + b1) W2 + b2 (tanh gelu), hidden width F = W1.shape[-1].
 
-    q, k, v [B, H, T, D]; eta [B, H, T]; W1 [(B,) H, D, F]; b1 [(B,) H, F]; W2 [(B,) H, F, D]; b2 [(B,) H, D];
+    q, k, v [B, H, T, D]; eta [B, H, T] (0 from token `writers` on when given); W1 [(B,) H, D, F]; b1 [(B,) H, F]; W2 [(B,) H, F, D]; b2 [(B,) H, D];
     ln_weight, ln_bias [H, D]. Returns (z [B, H, T, D], (W1, b1, W2, b2) at the end, each with the batch dim).
     """
-    _check(q, eta, mini_batch_size, form)
+    _check(q, eta, mini_batch_size, form, writers)
     B = q.shape[0]
     state = (_batched(W1, B, 2), _batched(b1, B, 1).unsqueeze(2), _batched(W2, B, 2), _batched(b2, B, 1).unsqueeze(2))
     lw, lb = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)
     if form == "primal":
         z, (W1, b1, W2, b2) = _mlp_primal(q, k, v - k, eta, state, lw, lb, mini_batch_size)
     else:
-        z, (W1, b1, W2, b2) = _mlp_dual(q, k, v - k, eta, state, lw, lb, mini_batch_size, *_scan(_mlp_chunks, form))
+        n = _scan_length(writers, q.shape[2], mini_batch_size)
+        z, (W1, b1, W2, b2) = _mlp_dual(q, k, v - k, eta, state, lw, lb, mini_batch_size, n,
+                                        *_scan(_mlp_chunks, form, q.device))
     return z, (W1, b1.squeeze(2), W2, b2.squeeze(2))
 
 
@@ -254,10 +281,9 @@ def _mlp_chunks(kq, c, A1, ekT, e, W1, b1, W2, b2, w2, m: int):
     return torch.cat(Zq, dim=2), W1, b1, W2, b2
 
 
-def _mlp_dual(q, k, target, eta, state, lw, lb, m, chunks=_mlp_chunks, group=1):
+def _mlp_dual(q, k, target, eta, state, lw, lb, m, n, chunks=_mlp_chunks, group=1):
     W1, b1, W2, b2 = state
     T = q.shape[2]
-    n = _scan_length(eta, T, m)
     Zs = []
     if n:
         g = min(group, -(-n // m))
@@ -283,7 +309,8 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m, chunks=_mlp_chunks, group=1):
 class TTTLayer(nn.Module):
     """Shared shell of TTT-Linear and TTT-MLP: projections, learned inner lr, inner LN, output norm and theta_O.
 
-    forward(x [B, T, width], write_mask [B, T] bool or None, inner_epochs) -> [B, T, width]. Under autocast
+    forward(x [B, T, width], writers: int or None, inner_epochs) -> [B, T, width]: the first `writers` tokens
+    write (None: all), the rest only read. Under autocast
     (trainer.precision bf16-mixed) the projections run in bf16 and the inner loop in the parameters' precision.
     Learned pieces, by name: ``theta_kv`` (and ``theta_q`` unless share_qk), ``theta_o``, ``eta_gate``
     (eta = eta_base * sigmoid(eta_gate(x)) / D per head), ``ln_weight``/``ln_bias`` (inner LN) and the
@@ -323,13 +350,13 @@ class TTTLayer(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def views(self, x: Tensor, write_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(q, k, v [B, H, T, D], eta [B, H, T]); eta is 0 where write_mask is False."""
+    def views(self, x: Tensor, writers: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(q, k, v [B, H, T, D], eta [B, H, T]); eta is 0 from token `writers` on."""
         k, v = self.theta_kv(x).chunk(2, dim=-1)
         q = k if self.theta_q is None else self.theta_q(x)
         eta = self.eta_base / self.head_dim * torch.sigmoid(self.eta_gate(x)).transpose(1, 2)
-        if write_mask is not None:
-            eta = eta * write_mask.unsqueeze(1).to(eta.dtype)
+        if writers is not None:
+            eta = eta * (torch.arange(x.shape[1], device=x.device) < writers).to(eta.dtype)
         return self._heads(q), self._heads(k), self._heads(v), eta
 
     def initial_state(self) -> tuple[Tensor, ...]:
@@ -344,20 +371,20 @@ class TTTLayer(nn.Module):
         y = _ln(self.f_res(k, state), self.ln_weight.unsqueeze(1), self.ln_bias.unsqueeze(1))
         return 0.5 * (k + y - v).square().sum(-1)
 
-    def inner(self, q, k, v, eta, state) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """Run the inner model from `state`: (z [B, H, T, D], end state)."""
+    def inner(self, q, k, v, eta, state, writers: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Run the inner model from `state` (eta 0 from token `writers` on): (z [B, H, T, D], end state)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, write_mask: Tensor | None = None, inner_epochs: int = 1) -> Tensor:
+    def forward(self, x: Tensor, writers: int | None = None, inner_epochs: int = 1) -> Tensor:
         if inner_epochs < 1:
             raise UserError(f"inner_epochs must be >= 1, got {inner_epochs}. Set it to 1 or more")
         dtype = self.ln_weight.dtype
-        q, k, v, eta = (t.to(dtype) for t in self.views(x, write_mask))  # float32 from an autocast region
+        q, k, v, eta = (t.to(dtype) for t in self.views(x, writers))  # float32 from an autocast region
         self.last_eta = eta.detach()  # [B, H, T], for logging
         state = start = self.initial_state()
         with torch.autocast(x.device.type, enabled=False):  # the inner loop and its state stay in full precision
             for _ in range(inner_epochs):
-                z, state = self.inner(q, k, v, eta, state)
+                z, state = self.inner(q, k, v, eta, state, writers)
         if self.record:
             detach = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
             self.last_record = {"k": k.detach(), "v": v.detach(), "eta": self.last_eta, "start": detach(start),
@@ -382,8 +409,9 @@ class TTTLinear(TTTLayer):
         W, b = state
         return z @ W + b.unsqueeze(-2)
 
-    def inner(self, q, k, v, eta, state):
-        z, W, b = ttt_linear(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form)
+    def inner(self, q, k, v, eta, state, writers):
+        z, W, b = ttt_linear(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form,
+                             writers)
         return z, (W, b)
 
 
@@ -408,5 +436,5 @@ class TTTMLP(TTTLayer):
         W1, b1, W2, b2 = state
         return _gelu(z @ W1 + b1.unsqueeze(-2)) @ W2 + b2.unsqueeze(-2)
 
-    def inner(self, q, k, v, eta, state):
-        return ttt_mlp(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form)
+    def inner(self, q, k, v, eta, state, writers):
+        return ttt_mlp(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form, writers)
