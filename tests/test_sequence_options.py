@@ -1,5 +1,6 @@
-"""SequenceMetaLearner's opt-in options: the auxiliary ProtoNets loss (proto_aux_weight) and fixed equiangular label
-codes (label_codes); their defaults leave the model as it was."""
+"""SequenceMetaLearner's opt-in options: the auxiliary ProtoNets loss (proto_aux_weight), the prototype logits added
+to the head's (prototype_residual) and fixed equiangular label codes (label_codes); their defaults leave the model as
+it was."""
 
 import lightning as L
 import pytest
@@ -57,8 +58,9 @@ def test_defaults_leave_the_model_as_it_was(tied):
     """The defaults: the same state_dict as naming them, a learned label embedding of max_ways + 1 rows, the forward
     (and its training loss) of before, bitwise."""
     model = tiny(tied_head=tied)
-    named = tiny(tied_head=tied, label_codes="learned", proto_aux_weight=0.0)
-    assert (model.hparams.label_codes, model.hparams.proto_aux_weight) == ("learned", 0.0)
+    named = tiny(tied_head=tied, label_codes="learned", proto_aux_weight=0.0, prototype_residual=False)
+    hp = model.hparams
+    assert (hp.label_codes, hp.proto_aux_weight, hp.prototype_residual) == ("learned", 0.0, False)
     state, named_state = model.state_dict(), named.state_dict()
     assert list(state) == list(named_state) and all(torch.equal(v, named_state[k]) for k, v in state.items())
     assert state["model.label_embed.weight"].shape == (6, 16)
@@ -120,6 +122,26 @@ def test_proto_aux_loss_is_added_in_training_from_one_encoder_pass():
     model.eval()
     with torch.no_grad():  # validation and test: the sequence model's loss alone
         assert torch.equal(model.loss_and_accuracy(batch)[0], EpisodicLearner.loss_and_accuracy(model, batch)[0])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_prototype_residual_adds_prototype_logits_from_one_encoder_pass(training):
+    """logits = the same weights' sequence logits + -||e(query) - c_n||^2 (by hand), with random label ids, in
+    training and in evaluation, from one encoder pass; the state_dict is the pure model's."""
+    hybrid, pure = tiny(tied_head=True, prototype_residual=True), tiny(tied_head=True)
+    assert list(hybrid.state_dict()) == list(pure.state_dict())
+    pure.load_state_dict(hybrid.state_dict())
+    hybrid.train(training), pure.train(training)
+    batch = with_label_ids(episodes())
+    calls = []
+    hybrid.model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        got = hybrid(batch)
+        assert len(calls) == 1
+        support, query = features(pure, batch)
+        centres = torch.stack([support[:, batch["support_labels"][0] == n].mean(1) for n in range(3)], 1)
+        want = pure(batch) - (query[:, :, None] - centres[:, None]).square().sum(-1)
+    torch.testing.assert_close(got, want)
 
 
 def test_proto_aux_loss_is_logged(tmp_path):

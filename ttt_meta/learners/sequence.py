@@ -35,6 +35,9 @@ class SequenceMetaLearner(EpisodicLearner):
         proto_aux_weight: w > 0 adds w * CE(prototype logits of the encoder's features) (``prototype_logits``) to
             the training loss, from the same encoder pass; logged as train/proto_aux_loss. train/loss is the sum;
             validation and test report the sequence model's loss alone.
+        prototype_residual: add ProtoNets' logits of the encoder's features to the sequence model's, a hybrid whose
+            sequence part learns a correction to the prototype classifier:
+            logits = head(blocks(tokens)) - ||e(query) - c_n||^2, c_n the mean support feature of class n.
         lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
@@ -43,7 +46,7 @@ class SequenceMetaLearner(EpisodicLearner):
                  lstm_hidden: int | None = None, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  tied_head: bool = False, label_codes: str = "learned", proto_aux_weight: float = 0.0,
-                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
+                 prototype_residual: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         if proto_aux_weight < 0:
             raise UserError(f"proto_aux_weight must be >= 0, got {proto_aux_weight}. Set "
@@ -64,21 +67,29 @@ class SequenceMetaLearner(EpisodicLearner):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, TTTLayer)]
 
     def forward(self, batch: dict) -> Tensor:
-        return self.model(self.images(batch["support"]), batch["support_labels"], self.images(batch["query"]),
-                          batch["ways"], batch.get("label_ids"))
+        return self.logits_and_prototype_logits(batch)[0]
+
+    def logits_and_prototype_logits(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        """(logits [B, NQ, N], the prototype logits of the encoder's features [B, NQ, N] where an option uses them,
+        else None), from one encoder pass."""
+        support_labels, ways = batch["support_labels"], batch["ways"]
+        features = self.model.encode(self.images(batch["support"]), self.images(batch["query"]))  # [B, NK + NQ, F]
+        logits = self.model.query_logits(features, support_labels, ways, batch.get("label_ids"))
+        if not (self.hparams.prototype_residual or self.training and self.hparams.proto_aux_weight > 0):
+            return logits, None
+        NK = support_labels.shape[1]
+        prototype = prototype_logits(features[:, :NK], support_labels, features[:, NK:], ways)
+        return (logits + prototype if self.hparams.prototype_residual else logits), prototype
 
     def loss_and_accuracy(self, batch: dict) -> tuple[Tensor, Tensor]:
         """EpisodicLearner's; in training with proto_aux_weight w > 0 the loss is CE(logits) + w * CE(prototype
-        logits), both from one encoder pass, and the accuracy the sequence model's."""
+        logits), both from one encoder pass, and the accuracy the learner's."""
         weight = self.hparams.proto_aux_weight
         if not (self.training and weight > 0):
             return super().loss_and_accuracy(batch)
-        support_labels, ways, y = batch["support_labels"], batch["ways"], batch["query_labels"].flatten()
-        features = self.model.encode(self.images(batch["support"]), self.images(batch["query"]))  # [B, NK + NQ, F]
-        logits = self.model.query_logits(features, support_labels, ways, batch.get("label_ids"))
-        NK = support_labels.shape[1]
-        proto_loss = F.cross_entropy(
-            prototype_logits(features[:, :NK], support_labels, features[:, NK:], ways).flatten(0, 1), y)
+        y = batch["query_labels"].flatten()
+        logits, prototype = self.logits_and_prototype_logits(batch)
+        proto_loss = F.cross_entropy(prototype.flatten(0, 1), y)
         if self._trainer is not None:  # a Lightning run, not a bare call
             self.log("train/proto_aux_loss", proto_loss, on_step=True, on_epoch=True, batch_size=len(logits))
         loss = F.cross_entropy(logits.flatten(0, 1), y) + weight * proto_loss
