@@ -220,7 +220,8 @@ def test_compare_scores_one_model_at_several_settings(tmp_path, monkeypatch):
     compare = script("compare")
     monkeypatch.chdir(tmp_path)
     overrides = ["data.dataset=synthetic", "data.val_episodes=4", "data.test_episodes=6", "data.eval_batch_size=3",
-                 "data.meta_batch_size=2", "model.init_args.encoder_channels=4", "model.init_args.width=16"]
+                 "data.meta_batch_size=2", "model.init_args.encoder_channels=4", "model.init_args.width=16",
+                 "model.init_args.label_codes=learned"]
     rows = compare.main(["--setting", "varied", "--minutes", "0.02", "--val-every", "1", "--models", "ttt_linear",
                          "--score-at", "5w1s", "20w5s", "--variants", "default", "w8:model.init_args.width=8",
                          "--override", *overrides, "--out", str(tmp_path / "results")])
