@@ -38,8 +38,9 @@ from ttt_meta.errors import UserError
 from ttt_meta.measure import hardware_text, markdown_table, provenance, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE_LAYERS = [f"{core} {form}" for core in ("ttt_linear", "ttt_mlp") for form in ("primal", "dual")] + ["lstm",
-                                                                                                      "attention"]
+# bench_layers.py's layers but the compiled forms (their compilation takes longer than the rest of --smoke)
+SMOKE_LAYERS = [f"{core} {form}" for core in ("ttt_linear", "ttt_mlp") for form in ("primal", "dual")]
+SMOKE_LAYERS += ["lstm", "attention"]
 SETTINGS = ("5w1s", "20w1s")
 TINY = ["data.dataset=synthetic", "data.rotations=false", "data.val_episodes=4", "data.test_episodes=8",
         "data.eval_batch_size=4", "data.meta_batch_size=2", "data.train_batches_per_epoch=4",

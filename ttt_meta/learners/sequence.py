@@ -46,7 +46,8 @@ class SequenceMetaLearner(EpisodicLearner):
                  lstm_hidden: int | None = None, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  tied_head: bool = False, label_codes: str = "learned", proto_aux_weight: float = 0.0,
-                 prototype_residual: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
+                 prototype_residual: bool = False, lr: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_steps: int = 200, lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         if proto_aux_weight < 0:
             raise UserError(f"proto_aux_weight must be >= 0, got {proto_aux_weight}. Set "

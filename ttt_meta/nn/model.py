@@ -1,4 +1,4 @@
-"""The sequence meta-learner as a plain module: an episode in, query logits out.
+"""The sequence meta-learner as a plain module: an episode's images in (encode), query logits out (query_logits).
 
     features  = encoder(image)                                      [B, T, F], T = N*K + N*Q   (encode)
     token     = Linear(features) + code[id[label]]                  queries use the extra "no label" row
@@ -91,12 +91,6 @@ class EpisodeSequenceModel(nn.Module):
         if self.label_codes == "learned":
             return self.label_embed.weight
         return torch.cat([self.fixed_label_codes, self.no_label_code[None]])
-
-    def forward(self, support: Tensor, support_labels: Tensor, query: Tensor, ways: int,
-                label_ids: Tensor | None = None) -> Tensor:
-        """support [B, NK, C, H, W], support_labels [B, NK], query [B, NQ, C, H, W] (float), label_ids [B, ways]
-        or None (0..ways-1) -> logits [B, NQ, ways]."""
-        return self.query_logits(self.encode(support, query), support_labels, ways, label_ids)
 
     def encode(self, support: Tensor, query: Tensor) -> Tensor:
         """support [B, NK, C, H, W], query [B, NQ, C, H, W] (float) -> features [B, NK + NQ, F], supports first:
