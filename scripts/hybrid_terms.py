@@ -1,0 +1,108 @@
+"""How much of the hybrid TTT learner's accuracy its prototype term gives, and how much its TTT head adds.
+
+    TTT_META_THREADS=1 python scripts/hybrid_terms.py        # every shipped ttt_linear_proto_* checkpoint
+    python scripts/hybrid_terms.py --names ttt_linear_proto_5w5s --episodes 100 --out /tmp/terms
+
+The hybrid (``prototype_residual: true``) adds ProtoNets' logits of its encoder's features to its TTT head's:
+
+    logits[q, c] = head(TTT(tokens))[q, c] + prototype[q, c],   prototype[q, c] = -||e(x_q) - mean_{y_s = c} e(x_s)||^2
+
+Each shipped hybrid checkpoint (checkpoints/omniglot/<name>.ckpt, built from the config its report names) is scored
+on the first `--episodes` fixed test episodes three ways from one forward: the sum (the model as it serves), the
+prototype term alone (its encoder used as a ProtoNet) and the TTT head's term alone (the sum minus the prototype
+term). A checkpoint trained on episodes of varied sizes is scored at each of the four Omniglot settings, the
+others at their own. Float32, on the CPU or the GPU at hand.
+
+Writes <out>/hybrid_terms_omniglot.json (rows, the Markdown table, provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ttt_meta.checkpointing import check_checkpoint
+from ttt_meta.cli import set_threads
+from ttt_meta.errors import UserError
+from ttt_meta.learners import SequenceMetaLearner
+from ttt_meta.measure import (confidence_interval, episode_accuracy, hardware_text, markdown_table, provenance,
+                              write_results)
+from ttt_meta.runs import build
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "checkpoints" / "omniglot"
+SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
+TERMS = ("hybrid", "prototype", "head")
+
+
+def term_accuracies(model: SequenceMetaLearner, dm, episodes: int, device: torch.device) -> dict[str, dict]:
+    """{term: {"acc", "ci95"}} of the sum, the prototype term and the head's term on the first `episodes` fixed
+    test episodes of `dm`."""
+    fixed = dm.test_dataloader().dataset
+    per_episode = {t: [] for t in TERMS}
+    model.eval().to(device)
+    for start in range(0, episodes, dm.hparams.eval_batch_size):
+        batch = fixed.__getitems__(list(range(start, min(episodes, start + dm.hparams.eval_batch_size))))
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.inference_mode():
+            hybrid, prototype = model.logits_and_prototype_logits(batch)  # [B, NQ, N] each
+        for term, logits in zip(TERMS, (hybrid, prototype, hybrid - prototype)):
+            per_episode[term].append(episode_accuracy(logits, batch["query_labels"]).cpu())
+    return {t: dict(zip(("acc", "ci95"), confidence_interval(torch.cat(accs)))) for t, accs in per_episode.items()}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--names", nargs="+", default=None,
+                        help="shipped checkpoints (default: every checkpoints/omniglot/ttt_linear_proto_*.ckpt)")
+    parser.add_argument("--episodes", type=int, default=600, help="the first N fixed test episodes")
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides key=value (data.root=...)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results", help="folder of the results file")
+    args = parser.parse_args(argv)
+    set_threads()
+    names = args.names or sorted(p.stem for p in SHIPPED.glob("ttt_linear_proto_*.ckpt"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for name in names:
+        report_path = SHIPPED / f"{name}.json"
+        if not report_path.is_file():
+            raise UserError(f"no shipped checkpoint report {report_path}. Name one of "
+                            f"{sorted(p.stem for p in SHIPPED.glob('*.json'))}")
+        report = json.loads(report_path.read_text())
+        overrides = [*report["overrides"], *args.override]
+        cli = build(ROOT / report["config"], overrides)
+        if not (isinstance(cli.model, SequenceMetaLearner) and cli.model.hparams.prototype_residual):
+            raise UserError(f"{name} is not a hybrid (a SequenceMetaLearner with prototype_residual: true). "
+                            f"Name a ttt_linear_proto_* checkpoint")
+        weights = check_checkpoint(SHIPPED / f"{name}.ckpt", cli.model)["state_dict"]
+        data, spec = cli.datamodule.hparams, cli.datamodule.eval_spec
+        varied = data.ways_up_to is not None or data.shots_up_to is not None
+        for ways, shots in SETTINGS if varied else [(spec.ways, spec.shots)]:
+            scored = build(ROOT / report["config"], [*overrides, f"data.eval_ways={ways}", f"data.eval_shots={shots}",
+                                                     f"data.test_episodes={args.episodes}"])
+            scored.model.load_state_dict(weights)
+            scored.datamodule.setup("test")
+            rows.append({"checkpoint": name, "setting": f"{ways}w{shots}s",
+                         **term_accuracies(scored.model, scored.datamodule, args.episodes, device)})
+            print(name, rows[-1]["setting"], {t: round(100 * rows[-1][t]["acc"], 2) for t in TERMS}, flush=True)
+    prov = provenance(__file__, argv)
+    caption = (f"The hybrid's two terms scored apart: each shipped hybrid checkpoint on the first {args.episodes} "
+               f"fixed test episodes of Omniglot (15 queries per class), float32; prototype: its encoder as a "
+               f"ProtoNet, head: the TTT head's logits alone ({hardware_text(prov)}). Commit {str(prov['commit'])[:10]}"
+               f"{' (dirty)' if prov['dirty'] else ''}, {prov['date'][:10]}: `{prov['command']}`")
+    lines = [[f"`{r['checkpoint']}`", r["setting"],
+              *(f"{100 * r[t]['acc']:.2f} +- {100 * r[t]['ci95']:.2f}" for t in TERMS),
+              f"{100 * (r['hybrid']['acc'] - r['prototype']['acc']):+.2f}"] for r in rows]
+    markdown = caption + "\n\n" + markdown_table(
+        ["checkpoint", "scored at", "hybrid acc %", "prototype term alone %", "TTT head alone %",
+         "hybrid - prototype"], lines)
+    write_results(args.out, "hybrid_terms_omniglot", {"episodes": args.episodes, "rows": rows}, markdown, prov)
+    print(markdown)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
