@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="folder of the results file")
     args = parser.parse_args(argv)
     set_threads()
+    prov = provenance(__file__, argv)  # the tree as it is when the scoring starts
     names = args.names or sorted(p.stem for p in SHIPPED.glob("ttt_linear_proto_*.ckpt"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -88,7 +89,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"checkpoint": name, "setting": f"{ways}w{shots}s",
                          **term_accuracies(scored.model, scored.datamodule, args.episodes, device)})
             print(name, rows[-1]["setting"], {t: round(100 * rows[-1][t]["acc"], 2) for t in TERMS}, flush=True)
-    prov = provenance(__file__, argv)
     caption = (f"The hybrid's two terms scored apart: each shipped hybrid checkpoint on the first {args.episodes} "
                f"fixed test episodes of Omniglot (15 queries per class), float32; prototype: its encoder as a "
                f"ProtoNet, head: the TTT head's logits alone ({hardware_text(prov)}). Commit {str(prov['commit'])[:10]}"
