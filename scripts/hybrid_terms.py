@@ -8,9 +8,9 @@ The hybrid (``prototype_residual: true``) adds ProtoNets' logits of its encoder'
     logits[q, c] = head(TTT(tokens))[q, c] + prototype[q, c],   prototype[q, c] = -||e(x_q) - mean_{y_s = c} e(x_s)||^2
 
 Each shipped hybrid checkpoint (checkpoints/omniglot/<name>.ckpt, built from the config its report names) is scored
-on the first `--episodes` fixed test episodes three ways from one forward: the sum (the model as it serves), the
-prototype term alone (its encoder used as a ProtoNet) and the TTT head's term alone (the sum minus the prototype
-term). A checkpoint trained on episodes of varied sizes is scored at each of the four Omniglot settings, the
+on `--episodes` fixed test episodes (``data.test_episodes``: 600 are every table's test set, 100 a report's check
+set) three ways from one forward: the sum (the model as it serves), the prototype term alone (its encoder used as a
+ProtoNet) and the TTT head's term alone (the sum minus the prototype term). A checkpoint trained on episodes of varied sizes is scored at each of the four Omniglot settings, the
 others at their own. Float32, on the CPU or the GPU at hand.
 
 Writes <out>/hybrid_terms_omniglot.json (rows, the Markdown table, provenance).
@@ -38,14 +38,11 @@ SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 TERMS = ("hybrid", "prototype", "head")
 
 
-def term_accuracies(model: SequenceMetaLearner, dm, episodes: int, device: torch.device) -> dict[str, dict]:
-    """{term: {"acc", "ci95"}} of the sum, the prototype term and the head's term on the first `episodes` fixed
-    test episodes of `dm`."""
-    fixed = dm.test_dataloader().dataset
+def term_accuracies(model: SequenceMetaLearner, dm, device: torch.device) -> dict[str, dict]:
+    """{term: {"acc", "ci95"}} of the sum, the prototype term and the head's term on `dm`'s fixed test episodes."""
     per_episode = {t: [] for t in TERMS}
     model.eval().to(device)
-    for start in range(0, episodes, dm.hparams.eval_batch_size):
-        batch = fixed.__getitems__(list(range(start, min(episodes, start + dm.hparams.eval_batch_size))))
+    for batch in dm.test_dataloader():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.inference_mode():
             hybrid, prototype = model.logits_and_prototype_logits(batch)  # [B, NQ, N] each
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--names", nargs="+", default=None,
                         help="shipped checkpoints (default: every checkpoints/omniglot/ttt_linear_proto_*.ckpt)")
-    parser.add_argument("--episodes", type=int, default=600, help="the first N fixed test episodes")
+    parser.add_argument("--episodes", type=int, default=600, help="N fixed test episodes (data.test_episodes)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides key=value (data.root=...)")
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="folder of the results file")
     args = parser.parse_args(argv)
@@ -73,24 +70,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise UserError(f"no shipped checkpoint report {report_path}. Name one of "
                             f"{sorted(p.stem for p in SHIPPED.glob('*.json'))}")
         report = json.loads(report_path.read_text())
-        overrides = [*report["overrides"], *args.override]
-        cli = build(ROOT / report["config"], overrides)
+        config, overrides = ROOT / report["config"], [*report["overrides"], *args.override,
+                                                      f"data.test_episodes={args.episodes}"]
+        cli = build(config, overrides)
         if not (isinstance(cli.model, SequenceMetaLearner) and cli.model.hparams.prototype_residual):
             raise UserError(f"{name} is not a hybrid (a SequenceMetaLearner with prototype_residual: true). "
                             f"Name a ttt_linear_proto_* checkpoint")
         weights = check_checkpoint(SHIPPED / f"{name}.ckpt", cli.model)["state_dict"]
         data, spec = cli.datamodule.hparams, cli.datamodule.eval_spec
-        varied = data.ways_up_to is not None or data.shots_up_to is not None
-        for ways, shots in SETTINGS if varied else [(spec.ways, spec.shots)]:
-            scored = build(ROOT / report["config"], [*overrides, f"data.eval_ways={ways}", f"data.eval_shots={shots}",
-                                                     f"data.test_episodes={args.episodes}"])
-            scored.model.load_state_dict(weights)
-            scored.datamodule.setup("test")
-            rows.append({"checkpoint": name, "setting": f"{ways}w{shots}s",
-                         **term_accuracies(scored.model, scored.datamodule, args.episodes, device)})
+        if data.ways_up_to is None and data.shots_up_to is None:  # scored at its own setting
+            runs = {f"{spec.ways}w{spec.shots}s": cli}
+        else:
+            runs = {f"{n}w{k}s": build(config, [*overrides, f"data.eval_ways={n}", f"data.eval_shots={k}"])
+                    for n, k in SETTINGS}
+        for setting, run in runs.items():
+            run.model.load_state_dict(weights)
+            run.datamodule.setup("test")
+            rows.append({"checkpoint": name, "setting": setting, **term_accuracies(run.model, run.datamodule, device)})
             print(name, rows[-1]["setting"], {t: round(100 * rows[-1][t]["acc"], 2) for t in TERMS}, flush=True)
-    caption = (f"The hybrid's two terms scored apart: each shipped hybrid checkpoint on the first {args.episodes} "
-               f"fixed test episodes of Omniglot (15 queries per class), float32; prototype: its encoder as a "
+    caption = (f"The hybrid's two terms scored apart: each shipped hybrid checkpoint on {args.episodes} fixed "
+               f"test episodes of Omniglot (15 queries per class), float32; prototype: its encoder as a "
                f"ProtoNet, head: the TTT head's logits alone ({hardware_text(prov)}). Commit {str(prov['commit'])[:10]}"
                f"{' (dirty)' if prov['dirty'] else ''}, {prov['date'][:10]}: `{prov['command']}`")
     lines = [[f"`{r['checkpoint']}`", r["setting"],

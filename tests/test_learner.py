@@ -52,7 +52,7 @@ def test_ttt_meta_learns_unseen_classes():
     """TTT-Linear leaves the chance plateau: after 400 steps, episodes of unseen classes are scored well above chance
     (50%) with a loss below chance's ln 2. At this tiny size with a constant lr the unseen loss swings from step to
     step (seed 0, every 100 steps from 200 to 800: 0.38 to 0.79 ln 2 on 1 or 2 threads, whose kernels differ),
-    while the accuracy stays at 0.83 to 0.89: the accuracy is the test, the loss only has to be below chance."""
+    while the accuracy stays at 0.81 to 0.89: the accuracy is the test, the loss only has to be below chance."""
     torch.manual_seed(0)
     model = make("ttt_linear")
     train(model, episodes(EpisodeSpec(2, 1, 4), 8), 400)

@@ -231,3 +231,13 @@ def test_compare_scores_one_model_at_several_settings(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "compare_omniglot_varied_ttt_linear_w8" / "version_0").is_dir()
     markdown = json.loads((tmp_path / "results" / "compare_synthetic_varied.json").read_text())["markdown"]
     assert "| scored at |" in markdown and "| ttt_linear | 20w5s |" in markdown
+
+
+def test_hybrid_terms_sum_is_the_served_model(omniglot_root, tmp_path):
+    """hybrid_terms.py's sum of the two terms is the model the CLI serves: on the shipped 5w5s hybrid's check set it
+    scores the accuracy that checkpoint's report recorded, to within one query."""
+    check = json.loads((ROOT / "checkpoints" / "omniglot" / "ttt_linear_proto_5w5s.json").read_text())["check"]
+    (row,) = script("hybrid_terms").main(["--names", "ttt_linear_proto_5w5s", "--episodes", str(check["episodes"]),
+                                          "--override", f"data.root={omniglot_root}", "--out", str(tmp_path)])
+    assert row["setting"] == "5w5s" and (tmp_path / "hybrid_terms_omniglot.json").is_file()
+    assert abs(row["hybrid"]["acc"] - check["acc"]) <= 1 / (check["episodes"] * check["queries"]) + 1e-9, row
