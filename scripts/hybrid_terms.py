@@ -10,7 +10,7 @@ The hybrid (``prototype_residual: true``) adds ProtoNets' logits of its encoder'
 Each shipped hybrid checkpoint (checkpoints/omniglot/<name>.ckpt, built from the config its report names) is scored
 on `--episodes` fixed test episodes (``data.test_episodes``: 600 are every table's test set, 100 a report's check
 set) three ways from one forward: the sum (the model as it serves), the prototype term alone (its encoder used as a
-ProtoNet) and the TTT head's term alone (the sum minus the prototype term). A checkpoint trained on episodes of varied sizes is scored at each of the four Omniglot settings, the
+ProtoNet) and the TTT head's term alone (the sequence model's logits). A checkpoint trained on episodes of varied sizes is scored at each of the four Omniglot settings, the
 others at their own. Float32, on the CPU or the GPU at hand.
 
 Writes <out>/hybrid_terms_omniglot.json (rows, the Markdown table, provenance).
@@ -45,8 +45,8 @@ def term_accuracies(model: SequenceMetaLearner, dm, device: torch.device) -> dic
     for batch in dm.test_dataloader():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.inference_mode():
-            hybrid, prototype = model.logits_and_prototype_logits(batch)  # [B, NQ, N] each
-        for term, logits in zip(TERMS, (hybrid, prototype, hybrid - prototype)):
+            head, prototype = model.logit_terms(batch)  # [B, NQ, N] each
+        for term, logits in zip(TERMS, (head + prototype, prototype, head)):
             per_episode[term].append(episode_accuracy(logits, batch["query_labels"]).cpu())
     return {t: dict(zip(("acc", "ci95"), confidence_interval(torch.cat(accs)))) for t, accs in per_episode.items()}
 

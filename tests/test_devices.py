@@ -90,7 +90,7 @@ STEP_CASES = {
     "lstm": [QUICK, *TINY, "--model.init_args.core=lstm"],
     "attention": [QUICK, *TINY, "--model.init_args.core=attention"],
     "ttt_options": [QUICK, *TINY, "--model.init_args.proto_aux_weight=1", "--model.init_args.prototype_residual=true",
-                    "--model.init_args.label_codes=equiangular",
+                    "--model.init_args.head_aux_weight=1", "--model.init_args.label_codes=equiangular",
                     "--model.init_args.tied_head=true", "--data.label_space=5", "--data.ways=3",
                     "--data.ways_up_to=5", "--data.shots_up_to=2"],
     "protonet": [str(CONFIGS / "omniglot" / "protonet_5w1s.yaml"), *OMNIGLOT_ON_SYNTHETIC],

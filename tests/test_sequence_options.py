@@ -1,6 +1,6 @@
 """SequenceMetaLearner's opt-in options: the auxiliary ProtoNets loss (proto_aux_weight), the prototype logits added
-to the head's (prototype_residual) and fixed equiangular label codes (label_codes); their defaults leave the model as
-it was."""
+to the head's (prototype_residual), the hybrid's head trained apart (head_aux_weight) and fixed equiangular label codes
+(label_codes); their defaults leave the model as it was."""
 
 import lightning as L
 import pytest
@@ -58,7 +58,8 @@ def test_defaults_leave_the_model_as_it_was(tied):
     """The defaults: the same state_dict as naming them, a learned label embedding of max_ways + 1 rows, the forward
     (and its training loss) of before, bitwise."""
     model = tiny(tied_head=tied)
-    named = tiny(tied_head=tied, label_codes="learned", proto_aux_weight=0.0, prototype_residual=False)
+    named = tiny(tied_head=tied, label_codes="learned", proto_aux_weight=0.0, prototype_residual=False,
+                 head_aux_weight=0.0)
     hp = model.hparams
     assert (hp.label_codes, hp.proto_aux_weight, hp.prototype_residual) == ("learned", 0.0, False)
     state, named_state = model.state_dict(), named.state_dict()
@@ -144,6 +145,28 @@ def test_prototype_residual_adds_prototype_logits_from_one_encoder_pass(training
     torch.testing.assert_close(got, want)
 
 
+def test_head_aux_loss_trains_the_hybrids_head_apart():
+    """loss = CE(head + prototype) + w * CE(head), the head the same weights' pure model's logits, from one encoder
+    pass; evaluation reports the hybrid's loss alone."""
+    weight = 0.5
+    hybrid, pure = tiny(prototype_residual=True, head_aux_weight=weight), tiny()
+    pure.load_state_dict(hybrid.state_dict())
+    batch = with_label_ids(episodes())
+    calls = []
+    hybrid.model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    loss, acc = hybrid.loss_and_accuracy(batch)
+    assert len(calls) == 1
+    y = batch["query_labels"].flatten()
+    with torch.no_grad():
+        head, logits = pure(batch), hybrid(batch)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), y) +
+                               weight * F.cross_entropy(head.flatten(0, 1), y))
+    assert torch.equal(acc, episode_accuracy(logits, batch["query_labels"]))
+    hybrid.eval()
+    with torch.no_grad():
+        assert torch.equal(hybrid.loss_and_accuracy(batch)[0], EpisodicLearner.loss_and_accuracy(hybrid, batch)[0])
+
+
 def test_proto_aux_loss_is_logged(tmp_path):
     model = tiny(proto_aux_weight=0.5, warmup_steps=1)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -205,3 +228,7 @@ def test_bad_options_are_named():
         tiny(label_codes="orthogonal")
     with pytest.raises(UserError, match=r"model.init_args.proto_aux_weight"):
         tiny(proto_aux_weight=-1.0)
+    with pytest.raises(UserError, match=r"model.init_args.head_aux_weight"):
+        tiny(prototype_residual=True, head_aux_weight=-1.0)
+    with pytest.raises(UserError, match=r"model.init_args.prototype_residual=true or head_aux_weight=0"):
+        tiny(head_aux_weight=1.0)

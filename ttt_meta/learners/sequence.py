@@ -38,6 +38,9 @@ class SequenceMetaLearner(EpisodicLearner):
         prototype_residual: add ProtoNets' logits of the encoder's features to the sequence model's, a hybrid whose
             sequence part learns a correction to the prototype classifier:
             logits = head(blocks(tokens)) - ||e(query) - c_n||^2, c_n the mean support feature of class n.
+        head_aux_weight: w > 0 (with prototype_residual) adds w * CE(the sequence model's logits alone) to the
+            training loss, so that the TTT head learns to classify by itself rather than leave it to the prototype
+            term; logged as train/head_aux_loss.
         lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
@@ -46,12 +49,17 @@ class SequenceMetaLearner(EpisodicLearner):
                  lstm_hidden: int | None = None, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  tied_head: bool = False, label_codes: str = "learned", proto_aux_weight: float = 0.0,
-                 prototype_residual: bool = False, lr: float = 1e-3, weight_decay: float = 0.0,
+                 prototype_residual: bool = False, head_aux_weight: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 200, lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
-        if proto_aux_weight < 0:
-            raise UserError(f"proto_aux_weight must be >= 0, got {proto_aux_weight}. Set "
-                            f"model.init_args.proto_aux_weight to 0 (off) or a positive weight")
+        for name, weight in (("proto_aux_weight", proto_aux_weight), ("head_aux_weight", head_aux_weight)):
+            if weight < 0:
+                raise UserError(f"{name} must be >= 0, got {weight}. Set model.init_args.{name} to 0 (off) or a "
+                                f"positive weight")
+        if head_aux_weight > 0 and not prototype_residual:
+            raise UserError("head_aux_weight adds the loss of the sequence model's logits apart from the prototype "
+                            "term's, so it needs prototype_residual: true (without it that loss is the training loss "
+                            "itself). Set model.init_args.prototype_residual=true or head_aux_weight=0")
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, label_codes=label_codes,
@@ -68,32 +76,38 @@ class SequenceMetaLearner(EpisodicLearner):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, TTTLayer)]
 
     def forward(self, batch: dict) -> Tensor:
-        return self.logits_and_prototype_logits(batch)[0]
+        head, prototype = self.logit_terms(batch)
+        return head + prototype if self.hparams.prototype_residual else head
 
-    def logits_and_prototype_logits(self, batch: dict) -> tuple[Tensor, Tensor | None]:
-        """(logits [B, NQ, N], the prototype logits of the encoder's features [B, NQ, N] where an option uses them,
-        else None), from one encoder pass."""
+    def logit_terms(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        """(the sequence model's logits [B, NQ, N], the prototype logits of the encoder's features [B, NQ, N] where
+        an option uses them, else None), from one encoder pass. The hybrid's logits are their sum."""
         support_labels, ways = batch["support_labels"], batch["ways"]
         features = self.model.encode(self.images(batch["support"]), self.images(batch["query"]))  # [B, NK + NQ, F]
-        logits = self.model.query_logits(features, support_labels, ways, batch.get("label_ids"))
+        head = self.model.query_logits(features, support_labels, ways, batch.get("label_ids"))
         if not (self.hparams.prototype_residual or self.training and self.hparams.proto_aux_weight > 0):
-            return logits, None
+            return head, None
         NK = support_labels.shape[1]
-        prototype = prototype_logits(features[:, :NK], support_labels, features[:, NK:], ways)
-        return (logits + prototype if self.hparams.prototype_residual else logits), prototype
+        return head, prototype_logits(features[:, :NK], support_labels, features[:, NK:], ways)
 
     def loss_and_accuracy(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """EpisodicLearner's; in training with proto_aux_weight w > 0 the loss is CE(logits) + w * CE(prototype
-        logits), both from one encoder pass, and the accuracy the learner's."""
-        weight = self.hparams.proto_aux_weight
-        if not (self.training and weight > 0):
+        """EpisodicLearner's; in training with an auxiliary weight the loss is CE(logits) + proto_aux_weight *
+        CE(prototype logits) + head_aux_weight * CE(the sequence model's logits), all from one encoder pass, and the
+        accuracy the learner's."""
+        hp = self.hparams
+        if not (self.training and (hp.proto_aux_weight > 0 or hp.head_aux_weight > 0)):
             return super().loss_and_accuracy(batch)
         y = batch["query_labels"].flatten()
-        logits, prototype = self.logits_and_prototype_logits(batch)
-        proto_loss = F.cross_entropy(prototype.flatten(0, 1), y)
-        if self._trainer is not None:  # a Lightning run, not a bare call
-            self.log("train/proto_aux_loss", proto_loss, on_step=True, on_epoch=True, batch_size=len(logits))
-        loss = F.cross_entropy(logits.flatten(0, 1), y) + weight * proto_loss
+        head, prototype = self.logit_terms(batch)
+        logits = head + prototype if hp.prototype_residual else head
+        loss = F.cross_entropy(logits.flatten(0, 1), y)
+        for name, weight, term in (("proto_aux_loss", hp.proto_aux_weight, prototype),
+                                   ("head_aux_loss", hp.head_aux_weight, head)):
+            if weight > 0:
+                aux = F.cross_entropy(term.flatten(0, 1), y)
+                if self._trainer is not None:  # a Lightning run, not a bare call
+                    self.log(f"train/{name}", aux, on_step=True, on_epoch=True, batch_size=len(logits))
+                loss = loss + weight * aux
         return loss, episode_accuracy(logits, batch["query_labels"])
 
     def record_inner_loop(self, on: bool) -> None:
