@@ -233,11 +233,16 @@ def test_compare_scores_one_model_at_several_settings(tmp_path, monkeypatch):
     assert "| scored at |" in markdown and "| ttt_linear | 20w5s |" in markdown
 
 
-def test_hybrid_terms_sum_is_the_served_model(omniglot_root, tmp_path):
-    """hybrid_terms.py's sum of the two terms is the model the CLI serves: on the shipped 5w5s hybrid's check set it
-    scores the accuracy that checkpoint's report recorded, to within one query."""
-    check = json.loads((ROOT / "checkpoints" / "omniglot" / "ttt_linear_proto_5w5s.json").read_text())["check"]
-    (row,) = script("hybrid_terms").main(["--names", "ttt_linear_proto_5w5s", "--episodes", str(check["episodes"]),
-                                          "--override", f"data.root={omniglot_root}", "--out", str(tmp_path)])
-    assert row["setting"] == "5w5s" and (tmp_path / "hybrid_terms_omniglot.json").is_file()
-    assert abs(row["hybrid"]["acc"] - check["acc"]) <= 1 / (check["episodes"] * check["queries"]) + 1e-9, row
+def test_head_gain_scores_the_served_model(omniglot_root, tmp_path):
+    """head_gain.py's served term is the model the CLI serves: on the check set of a shipped hybrid and of a shipped
+    pure learner it scores the accuracy that checkpoint's report recorded, to within one query; a pure learner serves
+    its head."""
+    names = ["ttt_linear_proto_5w5s", "ttt_linear_5w1s"]
+    checks = [json.loads((ROOT / "checkpoints" / "omniglot" / f"{n}.json").read_text())["check"] for n in names]
+    assert checks[0]["episodes"] == checks[1]["episodes"]
+    rows = script("head_gain").main(["--names", *names, "--episodes", str(checks[0]["episodes"]),
+                                     "--override", f"data.root={omniglot_root}", "--out", str(tmp_path)])
+    assert [(r["setting"], r["hybrid"]) for r in rows] == [("5w5s", True), ("5w1s", False)]
+    assert (tmp_path / "head_gain_omniglot.json").is_file() and rows[1]["served"] == rows[1]["head"]
+    for row, check in zip(rows, checks):
+        assert abs(row["served"]["acc"] - check["acc"]) <= 1 / (check["episodes"] * check["queries"]) + 1e-9, row

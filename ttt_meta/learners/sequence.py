@@ -79,13 +79,16 @@ class SequenceMetaLearner(EpisodicLearner):
         head, prototype = self.logit_terms(batch)
         return head + prototype if self.hparams.prototype_residual else head
 
-    def logit_terms(self, batch: dict) -> tuple[Tensor, Tensor | None]:
-        """(the sequence model's logits [B, NQ, N], the prototype logits of the encoder's features [B, NQ, N] where
-        an option uses them, else None), from one encoder pass. The hybrid's logits are their sum."""
+    def logit_terms(self, batch: dict, prototype: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        """(the sequence model's logits [B, NQ, N], the prototype logits of the encoder's features [B, NQ, N] or
+        None), from one encoder pass; the prototype term where `prototype` says, by default where an option uses it.
+        The hybrid's logits are their sum."""
         support_labels, ways = batch["support_labels"], batch["ways"]
         features = self.model.encode(self.images(batch["support"]), self.images(batch["query"]))  # [B, NK + NQ, F]
         head = self.model.query_logits(features, support_labels, ways, batch.get("label_ids"))
-        if not (self.hparams.prototype_residual or self.training and self.hparams.proto_aux_weight > 0):
+        if prototype is None:
+            prototype = self.hparams.prototype_residual or self.training and self.hparams.proto_aux_weight > 0
+        if not prototype:
             return head, None
         NK = support_labels.shape[1]
         return head, prototype_logits(features[:, :NK], support_labels, features[:, NK:], ways)

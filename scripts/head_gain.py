@@ -1,19 +1,21 @@
-"""How much of the hybrid TTT learner's accuracy its prototype term gives, and how much its TTT head adds.
+"""What a TTT learner's sequence part adds over its own encoder used as a ProtoNet.
 
-    TTT_META_THREADS=1 python scripts/hybrid_terms.py        # every shipped ttt_linear_proto_* checkpoint
-    python scripts/hybrid_terms.py --names ttt_linear_proto_5w5s --episodes 100 --out /tmp/terms
+    TTT_META_THREADS=1 python scripts/head_gain.py        # every shipped SequenceMetaLearner checkpoint
+    python scripts/head_gain.py --names ttt_linear_proto_5w5s --episodes 100 --out /tmp/gain
 
-The hybrid (``prototype_residual: true``) adds ProtoNets' logits of its encoder's features to its TTT head's:
+A TTT learner (``SequenceMetaLearner``) serves its TTT head's logits; the hybrid (``prototype_residual: true``)
+adds ProtoNets' logits of its encoder's features to them:
 
-    logits[q, c] = head(TTT(tokens))[q, c] + prototype[q, c],   prototype[q, c] = -||e(x_q) - mean_{y_s = c} e(x_s)||^2
+    served[q, c] = head(TTT(tokens))[q, c]  (+ prototype[q, c]),   prototype[q, c] = -||e(x_q) - mean_{y_s = c} e(x_s)||^2
 
-Each shipped hybrid checkpoint (checkpoints/omniglot/<name>.ckpt, built from the config its report names) is scored
-on `--episodes` fixed test episodes (``data.test_episodes``: 600 are every table's test set, 100 a report's check
-set) three ways from one forward: the sum (the model as it serves), the prototype term alone (its encoder used as a
-ProtoNet) and the TTT head's term alone (the sequence model's logits). A checkpoint trained on episodes of varied sizes is scored at each of the four Omniglot settings, the
-others at their own. Float32, on the CPU or the GPU at hand.
+Each shipped checkpoint (checkpoints/omniglot/<name>.ckpt, built from the config its report names) is scored on
+`--episodes` fixed test episodes (``data.test_episodes``: 600 are every table's test set, 100 a report's check set)
+three ways from one forward: the served model, the TTT head's logits alone, and the prototype term (its encoder used
+as a ProtoNet, for a pure learner too). "served - ProtoNet" is what test-time training adds over nearest-centroid
+classification of the same features. A checkpoint trained on episodes of varied sizes is scored at each of the
+four Omniglot settings, the others at their own. Float32, on the CPU or the GPU at hand.
 
-Writes <out>/hybrid_terms_omniglot.json (rows, the Markdown table, provenance).
+Writes <out>/head_gain_omniglot.json (rows, the Markdown table, provenance).
 """
 
 from __future__ import annotations
@@ -35,18 +37,20 @@ from ttt_meta.runs import build
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "omniglot"
 SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
-TERMS = ("hybrid", "prototype", "head")
+TERMS = ("served", "head", "prototype")
 
 
 def term_accuracies(model: SequenceMetaLearner, dm, device: torch.device) -> dict[str, dict]:
-    """{term: {"acc", "ci95"}} of the sum, the prototype term and the head's term on `dm`'s fixed test episodes."""
+    """{term: {"acc", "ci95"}} of the served model, the head's term and the prototype term on `dm`'s fixed test
+    episodes."""
     per_episode = {t: [] for t in TERMS}
     model.eval().to(device)
     for batch in dm.test_dataloader():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.inference_mode():
-            head, prototype = model.logit_terms(batch)  # [B, NQ, N] each
-        for term, logits in zip(TERMS, (head + prototype, prototype, head)):
+            head, prototype = model.logit_terms(batch, prototype=True)  # [B, NQ, N] each
+        served = head + prototype if model.hparams.prototype_residual else head
+        for term, logits in zip(TERMS, (served, head, prototype)):
             per_episode[term].append(episode_accuracy(logits, batch["query_labels"]).cpu())
     return {t: dict(zip(("acc", "ci95"), confidence_interval(torch.cat(accs)))) for t, accs in per_episode.items()}
 
@@ -54,14 +58,14 @@ def term_accuracies(model: SequenceMetaLearner, dm, device: torch.device) -> dic
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--names", nargs="+", default=None,
-                        help="shipped checkpoints (default: every checkpoints/omniglot/ttt_linear_proto_*.ckpt)")
+                        help="shipped checkpoints (default: every checkpoints/omniglot/ttt_*.ckpt)")
     parser.add_argument("--episodes", type=int, default=600, help="N fixed test episodes (data.test_episodes)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides key=value (data.root=...)")
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="folder of the results file")
     args = parser.parse_args(argv)
     set_threads()
     prov = provenance(__file__, argv)  # the tree as it is when the scoring starts
-    names = args.names or sorted(p.stem for p in SHIPPED.glob("ttt_linear_proto_*.ckpt"))
+    names = args.names or sorted(p.stem for p in SHIPPED.glob("ttt_*.ckpt"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for name in names:
@@ -73,9 +77,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         config, overrides = ROOT / report["config"], [*report["overrides"], *args.override,
                                                       f"data.test_episodes={args.episodes}"]
         cli = build(config, overrides)
-        if not (isinstance(cli.model, SequenceMetaLearner) and cli.model.hparams.prototype_residual):
-            raise UserError(f"{name} is not a hybrid (a SequenceMetaLearner with prototype_residual: true). "
-                            f"Name a ttt_linear_proto_* checkpoint")
+        if not isinstance(cli.model, SequenceMetaLearner):
+            raise UserError(f"{name} is not a sequence learner (it has no TTT head). Name a ttt_* checkpoint")
         weights = check_checkpoint(SHIPPED / f"{name}.ckpt", cli.model)["state_dict"]
         data, spec = cli.datamodule.hparams, cli.datamodule.eval_spec
         if data.ways_up_to is None and data.shots_up_to is None:  # scored at its own setting
@@ -86,19 +89,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for setting, run in runs.items():
             run.model.load_state_dict(weights)
             run.datamodule.setup("test")
-            rows.append({"checkpoint": name, "setting": setting, **term_accuracies(run.model, run.datamodule, device)})
+            rows.append({"checkpoint": name, "hybrid": run.model.hparams.prototype_residual, "setting": setting,
+                         **term_accuracies(run.model, run.datamodule, device)})
             print(name, rows[-1]["setting"], {t: round(100 * rows[-1][t]["acc"], 2) for t in TERMS}, flush=True)
-    caption = (f"The hybrid's two terms scored apart: each shipped hybrid checkpoint on {args.episodes} fixed "
-               f"test episodes of Omniglot (15 queries per class), float32; prototype: its encoder as a "
-               f"ProtoNet, head: the TTT head's logits alone ({hardware_text(prov)}). Commit {str(prov['commit'])[:10]}"
+    caption = (f"What the TTT head adds over its own encoder used as a ProtoNet: each shipped TTT learner on "
+               f"{args.episodes} fixed test episodes of Omniglot (15 queries per class), float32; served: the model "
+               f"as it serves (a hybrid: head + prototype term), head: the TTT head's logits alone, ProtoNet: the "
+               f"prototype term of its encoder's features ({hardware_text(prov)}). Commit {str(prov['commit'])[:10]}"
                f"{' (dirty)' if prov['dirty'] else ''}, {prov['date'][:10]}: `{prov['command']}`")
-    lines = [[f"`{r['checkpoint']}`", r["setting"],
+    lines = [[f"`{r['checkpoint']}`", "hybrid" if r["hybrid"] else "pure", r["setting"],
               *(f"{100 * r[t]['acc']:.2f} +- {100 * r[t]['ci95']:.2f}" for t in TERMS),
-              f"{100 * (r['hybrid']['acc'] - r['prototype']['acc']):+.2f}"] for r in rows]
+              f"{100 * (r['served']['acc'] - r['prototype']['acc']):+.2f}"] for r in rows]
     markdown = caption + "\n\n" + markdown_table(
-        ["checkpoint", "scored at", "hybrid acc %", "prototype term alone %", "TTT head alone %",
-         "hybrid - prototype"], lines)
-    write_results(args.out, "hybrid_terms_omniglot", {"episodes": args.episodes, "rows": rows}, markdown, prov)
+        ["checkpoint", "learner", "scored at", "served acc %", "TTT head alone %", "its encoder as a ProtoNet %",
+         "served - ProtoNet"], lines)
+    write_results(args.out, "head_gain_omniglot", {"episodes": args.episodes, "rows": rows}, markdown, prov)
     print(markdown)
     return rows
 
