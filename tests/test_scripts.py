@@ -81,9 +81,15 @@ def test_bench_training(tmp_path):
     bench_training = script("bench_training")
     rows = bench_training.main(["--train-settings", "5w1s", "--train-steps", "1", "--train-dataset", "synthetic",
                                 "--out", str(tmp_path)])
-    assert [r["precision"] for r in rows] == ["32-true", "bf16-mixed"]
+    assert [(r["model"], r["precision"]) for r in rows] == [("ttt_linear", "32-true"), ("ttt_linear", "bf16-mixed")]
     assert all(r["train_episodes_per_s"] > 0 for r in rows) and "| 5w1s |" in json.loads((tmp_path / "bench_training.json").read_text())["markdown"]
     assert json.loads((tmp_path / "bench_training.json").read_text())["rows"] == rows
+    rows = bench_training.main(["--models", "ttt_linear", "protonet", "--train-settings", "20w1s", "--train-steps", "1",
+                                "--train-precisions", "32-true", "--train-dataset", "synthetic", "--out", str(tmp_path),
+                                "--name", "models"])
+    assert [(r["model"], r["setting"], r["episodes_per_step"]) for r in rows] == [("ttt_linear", "20w1s", 8),
+                                                                                  ("protonet", "20w1s", 8)]
+    assert "| protonet | 20w1s |" in json.loads((tmp_path / "models.json").read_text())["markdown"]
 
 
 def test_context_scaling_tiny(tmp_path, monkeypatch):
