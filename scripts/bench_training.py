@@ -7,8 +7,8 @@
 
 Episodes per second of ``fit`` (Lightning's loop, data loading included, no validation) for each model's experiment
 configs/omniglot/<model>_<setting>.yaml on --train-dataset in float32 and in bf16 autocast (trainer.precision
-bf16-mixed), timed over --train-steps steps after 3 warm-up steps (in a temporary folder), all in one process: the
-ratios between models are what the machine's load, which varies between runs, does not change.
+bf16-mixed), timed over --train-steps steps after 3 warm-up steps (in a temporary folder), all in one process, so
+that the ratios between models do not carry the machine's speed, which varies between runs.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def measure_training(model: str, setting: str, precision: str, args) -> dict:
         finally:
             os.chdir(cwd)
     episodes_per_step = cli.datamodule.hparams.meta_batch_size
-    return {"model": model, "setting": setting, "precision": precision, "dataset": args.train_dataset, "steps": args.train_steps,
-            "episodes_per_step": episodes_per_step,
+    return {"model": model, "setting": setting, "precision": precision, "dataset": args.train_dataset,
+            "steps": args.train_steps, "episodes_per_step": episodes_per_step,
             "train_episodes_per_s": args.train_steps * episodes_per_step / clock.seconds,
             "step_seconds": clock.seconds / args.train_steps}
 

@@ -49,8 +49,7 @@ def term_accuracies(model: SequenceMetaLearner, dm, device: torch.device) -> dic
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.inference_mode():
             head, prototype = model.logit_terms(batch, prototype=True)  # [B, NQ, N] each
-        served = head + prototype if model.hparams.prototype_residual else head
-        for term, logits in zip(TERMS, (served, head, prototype)):
+        for term, logits in zip(TERMS, (model.served_logits(head, prototype), head, prototype)):
             per_episode[term].append(episode_accuracy(logits, batch["query_labels"]).cpu())
     return {t: dict(zip(("acc", "ci95"), confidence_interval(torch.cat(accs)))) for t, accs in per_episode.items()}
 

@@ -61,7 +61,8 @@ def test_defaults_leave_the_model_as_it_was(tied):
     named = tiny(tied_head=tied, label_codes="learned", proto_aux_weight=0.0, prototype_residual=False,
                  head_aux_weight=0.0)
     hp = model.hparams
-    assert (hp.label_codes, hp.proto_aux_weight, hp.prototype_residual) == ("learned", 0.0, False)
+    assert (hp.label_codes, hp.proto_aux_weight, hp.prototype_residual, hp.head_aux_weight) == ("learned", 0.0, False,
+                                                                                               0.0)
     state, named_state = model.state_dict(), named.state_dict()
     assert list(state) == list(named_state) and all(torch.equal(v, named_state[k]) for k, v in state.items())
     assert state["model.label_embed.weight"].shape == (6, 16)

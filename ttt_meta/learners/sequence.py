@@ -49,8 +49,8 @@ class SequenceMetaLearner(EpisodicLearner):
                  lstm_hidden: int | None = None, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  tied_head: bool = False, label_codes: str = "learned", proto_aux_weight: float = 0.0,
-                 prototype_residual: bool = False, head_aux_weight: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 200, lr_schedule: str = "cosine"):
+                 prototype_residual: bool = False, head_aux_weight: float = 0.0, lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         for name, weight in (("proto_aux_weight", proto_aux_weight), ("head_aux_weight", head_aux_weight)):
             if weight < 0:
@@ -76,7 +76,10 @@ class SequenceMetaLearner(EpisodicLearner):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, TTTLayer)]
 
     def forward(self, batch: dict) -> Tensor:
-        head, prototype = self.logit_terms(batch)
+        return self.served_logits(*self.logit_terms(batch))
+
+    def served_logits(self, head: Tensor, prototype: Tensor | None) -> Tensor:
+        """The logits the learner serves from its two terms (``logit_terms``): the hybrid's sum, else the head's."""
         return head + prototype if self.hparams.prototype_residual else head
 
     def logit_terms(self, batch: dict, prototype: bool | None = None) -> tuple[Tensor, Tensor | None]:
@@ -102,7 +105,7 @@ class SequenceMetaLearner(EpisodicLearner):
             return super().loss_and_accuracy(batch)
         y = batch["query_labels"].flatten()
         head, prototype = self.logit_terms(batch)
-        logits = head + prototype if hp.prototype_residual else head
+        logits = self.served_logits(head, prototype)
         loss = F.cross_entropy(logits.flatten(0, 1), y)
         for name, weight, term in (("proto_aux_loss", hp.proto_aux_weight, prototype),
                                    ("head_aux_loss", hp.head_aux_weight, head)):
