@@ -282,3 +282,22 @@ def test_grouped_scan_equals_one_mini_batch_per_call(kind):
         one = ttt._mlp_dual(q, k, v - k, eta, state, lw, lb, 4, n)
         grouped = ttt._mlp_dual(q, k, v - k, eta, state, lw, lb, 4, n, group=3)
     torch.testing.assert_close(grouped, one, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("share_qk", [True, False])
+def test_normalize_qk_reads_by_cosine(share_qk):
+    """normalize_qk: every head's q and k have norm sqrt(D), v and eta are untouched, and the forms stay equal."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    plain = TTTLinear(8, 2, mini_batch_size=2, share_qk=share_qk).double()
+    normed = TTTLinear(8, 2, mini_batch_size=2, share_qk=share_qk, normalize_qk=True).double()
+    primal = TTTLinear(8, 2, mini_batch_size=2, share_qk=share_qk, normalize_qk=True, form="primal").double()
+    normed.load_state_dict(plain.state_dict())
+    primal.load_state_dict(plain.state_dict())
+    (q0, k0, v0, eta0), (q, k, v, eta) = plain.views(x, 5), normed.views(x, 5)
+    for raw, unit in ((q0, q), (k0, k)):
+        torch.testing.assert_close(unit.norm(dim=-1), torch.full(unit.shape[:3], 2.0, dtype=torch.float64))
+        torch.testing.assert_close(unit, raw / raw.norm(dim=-1, keepdim=True) * 2)
+    torch.testing.assert_close((v, eta), (v0, eta0))
+    torch.testing.assert_close(normed(x, 5), primal(x, 5), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(normed(x, 5), plain(x, 5))

@@ -23,6 +23,8 @@ class SequenceMetaLearner(EpisodicLearner):
         width, depth, num_heads: token width, number of blocks, heads of the core.
         mini_batch_size, eta_base, share_qk: TTT inner mini-batch, inner learning-rate scale, theta_Q = theta_K
             (TTT cores only).
+        normalize_qk: L2-normalise the TTT cores' queries and keys per head (``ttt_meta.nn.ttt.TTTLayer``), so a
+            query reads the supports by cosine similarity.
         lstm_hidden: the LSTM core's hidden size; None: sized to the TTT-Linear core's parameter count.
         form: how a TTT core computes (``ttt_meta.nn.ttt``): "dual", "compiled" (the dual form through
             torch.compile: faster for long sequences after a one-off compile of seconds) or "primal" (reference).
@@ -46,7 +48,7 @@ class SequenceMetaLearner(EpisodicLearner):
 
     def __init__(self, core: str = "ttt_linear", width: int = 128, depth: int = 2, num_heads: int = 4,
                  mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, form: str = "dual",
-                 lstm_hidden: int | None = None, encoder: str = "conv4",
+                 normalize_qk: bool = False, lstm_hidden: int | None = None, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
                  tied_head: bool = False, label_codes: str = "learned", proto_aux_weight: float = 0.0,
                  prototype_residual: bool = False, head_aux_weight: float = 0.0, lr: float = 1e-3,
@@ -63,7 +65,8 @@ class SequenceMetaLearner(EpisodicLearner):
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, label_codes=label_codes,
-            mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form, lstm_hidden=lstm_hidden)
+            mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form,
+            normalize_qk=normalize_qk, lstm_hidden=lstm_hidden)
 
     reads_label_ids = True
     ways_fix = "Raise model.init_args.max_ways (a checkpoint cannot grow it)"

@@ -312,6 +312,8 @@ class TTTLayer(nn.Module):
     forward(x [B, T, width], writers: int or None, inner_epochs) -> [B, T, width]: the first `writers` tokens
     write (None: all), the rest only read. Under autocast
     (trainer.precision bf16-mixed) the projections run in bf16 and the inner loop in the parameters' precision.
+    normalize_qk: q and k are L2-normalised per head and scaled to norm sqrt(D) (as DeltaNet's keys): a
+    query then reads the supports by cosine, q . k_j = D cos(q, k_j), so no key outweighs another by its norm.
     Learned pieces, by name: ``theta_kv`` (and ``theta_q`` unless share_qk), ``theta_o``, ``eta_gate``
     (eta = eta_base * sigmoid(eta_gate(x)) / D per head), ``ln_weight``/``ln_bias`` (inner LN) and the
     initial state (``W0``, ``b0`` or ``W1``, ``b1``, ``W2``, ``b2``). After a forward, ``last_eta`` holds the
@@ -321,7 +323,7 @@ class TTTLayer(nn.Module):
     """
 
     def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
-                 share_qk: bool = True, form: str = "dual"):
+                 share_qk: bool = True, form: str = "dual", normalize_qk: bool = False):
         super().__init__()
         if width % num_heads:
             raise UserError(f"width {width} is not divisible by num_heads {num_heads}. Set model.init_args.width to a "
@@ -335,6 +337,7 @@ class TTTLayer(nn.Module):
             raise UserError(f"form must be one of {FORMS}, got {form!r}. Set model.init_args.form to one of them")
         self.width, self.num_heads, self.head_dim = width, num_heads, width // num_heads
         self.mini_batch_size, self.eta_base, self.share_qk, self.form = mini_batch_size, eta_base, share_qk, form
+        self.normalize_qk = normalize_qk
         self.theta_kv = nn.Linear(width, 2 * width, bias=False)
         self.theta_q = None if share_qk else nn.Linear(width, width, bias=False)
         self.eta_gate = nn.Linear(width, num_heads)
@@ -357,7 +360,11 @@ class TTTLayer(nn.Module):
         eta = self.eta_base / self.head_dim * torch.sigmoid(self.eta_gate(x)).transpose(1, 2)
         if writers is not None:
             eta = eta * (torch.arange(x.shape[1], device=x.device) < writers).to(eta.dtype)
-        return self._heads(q), self._heads(k), self._heads(v), eta
+        q, k = self._heads(q), self._heads(k)
+        if self.normalize_qk:
+            k = F.normalize(k, dim=-1) * self.head_dim**0.5
+            q = k if self.theta_q is None else F.normalize(q, dim=-1) * self.head_dim**0.5
+        return q, k, self._heads(v), eta
 
     def initial_state(self) -> tuple[Tensor, ...]:
         raise NotImplementedError
@@ -396,9 +403,8 @@ class TTTLayer(nn.Module):
 class TTTLinear(TTTLayer):
     """TTT layer whose hidden state is a linear model per head: W0 [H, D, D], b0 [H, D]."""
 
-    def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
-                 share_qk: bool = True, form: str = "dual"):
-        super().__init__(width, num_heads, mini_batch_size, eta_base, share_qk, form)
+    def __init__(self, width: int, num_heads: int, **options):
+        super().__init__(width, num_heads, **options)
         self.W0 = nn.Parameter(torch.randn(num_heads, self.head_dim, self.head_dim) * 0.02)
         self.b0 = nn.Parameter(torch.zeros(num_heads, self.head_dim))
 
@@ -418,9 +424,8 @@ class TTTLinear(TTTLayer):
 class TTTMLP(TTTLayer):
     """TTT layer whose hidden state is a 2-layer MLP per head (hidden 4 D): W1 [H, D, 4D], W2 [H, 4D, D]."""
 
-    def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
-                 share_qk: bool = True, form: str = "dual"):
-        super().__init__(width, num_heads, mini_batch_size, eta_base, share_qk, form)
+    def __init__(self, width: int, num_heads: int, **options):
+        super().__init__(width, num_heads, **options)
         D = self.head_dim
         # fan-in scale, not the 0.02 of TTT-Linear: each layer's inner gradient is scaled by the other layer's
         # weights, so a 0.02 init leaves the inner MLP almost unable to learn (a few-shot probe sat at chance)
