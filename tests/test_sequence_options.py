@@ -1,6 +1,7 @@
 """SequenceMetaLearner's opt-in options: the auxiliary ProtoNets loss (proto_aux_weight), the prototype logits added
 to the head's (prototype_residual), the hybrid's head trained apart (head_aux_weight) and fixed equiangular label codes
-(label_codes); their defaults leave the model as it was."""
+(label_codes), the TTT cores' normalised queries and keys (normalize_qk) and inner epochs; their defaults leave the
+model as it was."""
 
 import lightning as L
 import pytest
@@ -59,7 +60,7 @@ def test_defaults_leave_the_model_as_it_was(tied):
     (and its training loss) of before, bitwise."""
     model = tiny(tied_head=tied)
     named = tiny(tied_head=tied, label_codes="learned", proto_aux_weight=0.0, prototype_residual=False,
-                 head_aux_weight=0.0)
+                 head_aux_weight=0.0, normalize_qk=False, inner_epochs=1)
     hp = model.hparams
     assert (hp.label_codes, hp.proto_aux_weight, hp.prototype_residual, hp.head_aux_weight) == ("learned", 0.0, False,
                                                                                                0.0)
@@ -74,6 +75,16 @@ def test_defaults_leave_the_model_as_it_was(tied):
         assert torch.equal(model(batch), want)
         loss = model.loss_and_accuracy(batch)[0]  # training mode: no auxiliary term
         assert torch.equal(loss, EpisodicLearner.loss_and_accuracy(model, batch)[0])
+
+
+def test_ttt_options_reach_every_layer():
+    """normalize_qk and inner_epochs are set on every TTT layer and change the logits; the parameters are the same."""
+    model, changed = tiny(depth=2), tiny(depth=2, normalize_qk=True, inner_epochs=2)
+    assert [(layer.normalize_qk, layer.inner_epochs) for _, layer in changed.ttt_layers()] == [(True, 2)] * 2
+    changed.load_state_dict(model.state_dict())
+    batch = episodes()
+    with torch.no_grad():
+        assert not torch.allclose(model(batch), changed(batch))
 
 
 def test_prototype_logits_by_hand_and_protonet_uses_them(monkeypatch):

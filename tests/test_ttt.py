@@ -168,18 +168,21 @@ def test_layer_forms_share_qk_and_inner_epochs(cls):
     torch.manual_seed(0)
     x = torch.randn(2, 9, 8, dtype=torch.float64)
     writers = 5
-    dual = cls(8, 2, mini_batch_size=2, share_qk=False).double()
-    primal = cls(8, 2, mini_batch_size=2, share_qk=False, form="primal").double()
-    primal.load_state_dict(dual.state_dict())
+    layer = {(form, epochs): cls(8, 2, mini_batch_size=2, share_qk=False, form=form, inner_epochs=epochs).double()
+             for form in ("dual", "primal") for epochs in (1, 2, 3)}
+    for other in layer.values():
+        other.load_state_dict(layer["dual", 1].state_dict())
     for epochs in (1, 3):
-        torch.testing.assert_close(dual(x, writers, epochs), primal(x, writers, epochs), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer["dual", epochs](x, writers), layer["primal", epochs](x, writers), rtol=1e-10,
+                                   atol=1e-12)
     # k inner epochs: the outputs are those of the last pass, from the state the first k-1 passes left
+    dual = layer["dual", 1]
     q, k, v, eta = dual.views(x, writers)
     z, state = dual.inner(q, k, v, eta, dual.initial_state(), writers)
     z, _ = dual.inner(q, k, v, eta, state, writers)
     expected = dual.theta_o(dual.post_norm(z.transpose(1, 2).reshape(2, 9, 8)))
-    torch.testing.assert_close(dual(x, writers, inner_epochs=2), expected)
-    assert not torch.allclose(dual(x, writers, 2), dual(x, writers, 1))
+    torch.testing.assert_close(layer["dual", 2](x, writers), expected)
+    assert not torch.allclose(layer["dual", 2](x, writers), dual(x, writers))
     assert {"W0", "b0"} <= {n for n, _ in dual.named_parameters()} or {"W1", "W2"} <= {n for n, _ in dual.named_parameters()}
     assert dual.theta_q is not None and cls(8, 2).theta_q is None
 
@@ -196,6 +199,8 @@ def test_bad_arguments():
         TTTLinear(10, 3)
     with pytest.raises(ValueError, match="form"):
         TTTMLP(8, 2, form="fast")
+    with pytest.raises(ValueError, match="inner_epochs"):
+        TTTMLP(8, 2, inner_epochs=0)
 
 
 @pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])

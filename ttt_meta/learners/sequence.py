@@ -25,6 +25,8 @@ class SequenceMetaLearner(EpisodicLearner):
             (TTT cores only).
         normalize_qk: L2-normalise the TTT cores' queries and keys per head (``ttt_meta.nn.ttt.TTTLayer``), so a
             query reads the supports by cosine similarity.
+        inner_epochs: passes of the TTT cores' inner model over the supports; the queries read the state after the
+            last.
         lstm_hidden: the LSTM core's hidden size; None: sized to the TTT-Linear core's parameter count.
         form: how a TTT core computes (``ttt_meta.nn.ttt``): "dual", "compiled" (the dual form through
             torch.compile: faster for long sequences after a one-off compile of seconds) or "primal" (reference).
@@ -48,11 +50,11 @@ class SequenceMetaLearner(EpisodicLearner):
 
     def __init__(self, core: str = "ttt_linear", width: int = 128, depth: int = 2, num_heads: int = 4,
                  mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, form: str = "dual",
-                 normalize_qk: bool = False, lstm_hidden: int | None = None, encoder: str = "conv4",
-                 encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, max_ways: int = 20,
-                 tied_head: bool = False, label_codes: str = "learned", proto_aux_weight: float = 0.0,
-                 prototype_residual: bool = False, head_aux_weight: float = 0.0, lr: float = 1e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
+                 normalize_qk: bool = False, inner_epochs: int = 1, lstm_hidden: int | None = None,
+                 encoder: str = "conv4", encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28,
+                 max_ways: int = 20, tied_head: bool = False, label_codes: str = "learned",
+                 proto_aux_weight: float = 0.0, prototype_residual: bool = False, head_aux_weight: float = 0.0,
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         for name, weight in (("proto_aux_weight", proto_aux_weight), ("head_aux_weight", head_aux_weight)):
             if weight < 0:
@@ -66,7 +68,7 @@ class SequenceMetaLearner(EpisodicLearner):
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, label_codes=label_codes,
             mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form,
-            normalize_qk=normalize_qk, lstm_hidden=lstm_hidden)
+            normalize_qk=normalize_qk, inner_epochs=inner_epochs, lstm_hidden=lstm_hidden)
 
     reads_label_ids = True
     ways_fix = "Raise model.init_args.max_ways (a checkpoint cannot grow it)"

@@ -309,8 +309,9 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m, n, chunks=_mlp_chunks, group=
 class TTTLayer(nn.Module):
     """Shared shell of TTT-Linear and TTT-MLP: projections, learned inner lr, inner LN, output norm and theta_O.
 
-    forward(x [B, T, width], writers: int or None, inner_epochs) -> [B, T, width]: the first `writers` tokens
-    write (None: all), the rest only read. Under autocast
+    forward(x [B, T, width], writers: int or None) -> [B, T, width]: the first `writers` tokens write (None: all),
+    the rest only read; with inner_epochs k the inner model reads the sequence k times, each pass starting from
+    the state the last one left, and the outputs are the last pass's. Under autocast
     (trainer.precision bf16-mixed) the projections run in bf16 and the inner loop in the parameters' precision.
     normalize_qk: q and k are L2-normalised per head and scaled to norm sqrt(D) (as DeltaNet's keys): a
     query then reads the supports by cosine, q . k_j = D cos(q, k_j), so no key outweighs another by its norm.
@@ -323,7 +324,7 @@ class TTTLayer(nn.Module):
     """
 
     def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
-                 share_qk: bool = True, form: str = "dual", normalize_qk: bool = False):
+                 share_qk: bool = True, form: str = "dual", normalize_qk: bool = False, inner_epochs: int = 1):
         super().__init__()
         if width % num_heads:
             raise UserError(f"width {width} is not divisible by num_heads {num_heads}. Set model.init_args.width to a "
@@ -335,9 +336,12 @@ class TTTLayer(nn.Module):
             raise UserError(f"eta_base must be >= 0, got {eta_base}. Set model.init_args.eta_base to 0 or more")
         if form not in FORMS:
             raise UserError(f"form must be one of {FORMS}, got {form!r}. Set model.init_args.form to one of them")
+        if inner_epochs < 1:
+            raise UserError(f"inner_epochs must be >= 1, got {inner_epochs}. Set model.init_args.inner_epochs to 1 "
+                            f"or more")
         self.width, self.num_heads, self.head_dim = width, num_heads, width // num_heads
         self.mini_batch_size, self.eta_base, self.share_qk, self.form = mini_batch_size, eta_base, share_qk, form
-        self.normalize_qk = normalize_qk
+        self.normalize_qk, self.inner_epochs = normalize_qk, inner_epochs
         self.theta_kv = nn.Linear(width, 2 * width, bias=False)
         self.theta_q = None if share_qk else nn.Linear(width, width, bias=False)
         self.eta_gate = nn.Linear(width, num_heads)
@@ -382,15 +386,13 @@ class TTTLayer(nn.Module):
         """Run the inner model from `state` (eta 0 from token `writers` on): (z [B, H, T, D], end state)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, writers: int | None = None, inner_epochs: int = 1) -> Tensor:
-        if inner_epochs < 1:
-            raise UserError(f"inner_epochs must be >= 1, got {inner_epochs}. Set it to 1 or more")
+    def forward(self, x: Tensor, writers: int | None = None) -> Tensor:
         dtype = self.ln_weight.dtype
         q, k, v, eta = (t.to(dtype) for t in self.views(x, writers))  # float32 from an autocast region
         self.last_eta = eta.detach()  # [B, H, T], for logging
         state = start = self.initial_state()
         with torch.autocast(x.device.type, enabled=False):  # the inner loop and its state stay in full precision
-            for _ in range(inner_epochs):
+            for _ in range(self.inner_epochs):
                 z, state = self.inner(q, k, v, eta, state, writers)
         if self.record:
             detach = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
