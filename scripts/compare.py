@@ -23,6 +23,11 @@ varied``, trained on episodes of 5 to 20 ways and 1 to 5 shots).
 Writes results/<name>.json (default name ``compare_<dataset>_<setting>``: rows, curves, the Markdown table the
 README shows, provenance) and <name>.png (validation accuracy against log training time, and against training
 episodes), after each model, so that an interrupted call keeps the models it finished.
+
+``--steps N`` instead of ``--minutes`` trains every run for N optimiser steps (extended alike by a later call with
+more): for an ablation of variants whose steps cost the same (measure that in one process), where equal minutes
+would hand one variant more steps than another as the machine's speed drifts (up to 10% between two runs side
+by side on this VM).
 """
 
 from __future__ import annotations
@@ -93,8 +98,9 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
     precision = "32-true" if name in FLOAT32 or not has_bf16() else "bf16-mixed"
     given = [*args.override, *variant_overrides]
     overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *given]
+    seconds = None if args.minutes is None else 60 * args.minutes
     cli, clock, best_step = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
-                                 60 * args.minutes, args.val_every)
+                                      seconds, args.val_every, args.steps)
     model, data = cli.model, cli.datamodule.hparams
     steps = clock.curve[-1]["step"] if clock.curve else 0
     common = {"run": label, "precision": precision, "overrides": given, "train_seconds": clock.seconds,
@@ -125,6 +131,13 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def budget(meta: dict) -> str:
+    """The training budget per model, in words."""
+    if meta.get("steps") is not None:
+        return f"{meta['steps']:,} training steps"
+    return f"{meta['minutes']:g} min of training steps"
+
+
 def table(rows: list[dict], meta: dict, prov: dict) -> str:
     """The comparison as the README shows it: caption, then one row per model."""
     ttt = next((r for r in rows if r["model"] == "ttt_linear"), None)
@@ -138,7 +151,7 @@ def table(rows: list[dict], meta: dict, prov: dict) -> str:
               f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x" if ttt and not at else "-",
               *(_seconds(r["time_to"][f"{t:.0%}"]) for t in THRESHOLDS), f"{r['train_seconds']:.0f}",
               r["train_steps"], f"{r['train_episodes']:,}", f"{r['params']:,}"] for r in rows]
-    caption = (f"{meta['dataset']} {meta['setting']}: {meta['minutes']:g} min of training steps per model "
+    caption = (f"{meta['dataset']} {meta['setting']}: {budget(meta)} per model "
                f"({hardware_text(prov)}); test: the best-validated checkpoint on {meta['test_episodes']} fixed test "
                f"episodes ({meta['queries']} queries per class), cost per episode in batches of "
                f"{meta['eval_batch_size']}. Commit {str(prov['commit'])[:10]}{' (dirty)' if prov['dirty'] else ''}, "
@@ -167,7 +180,7 @@ def figure(rows: list[dict], meta: dict, path: Path) -> None:
         for t in THRESHOLDS:
             ax.axhline(100 * t, color="grey", lw=0.5, ls=":")
     by_time.legend(fontsize=8)
-    fig.suptitle(f"{meta['dataset']} {meta['setting']}: {meta['minutes']:g} min per model")
+    fig.suptitle(f"{meta['dataset']} {meta['setting']}: {budget(meta)} per model")
     save_figure(fig, path)
 
 
@@ -176,7 +189,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--setting", default="5w1s", help="5w1s, 5w5s, 20w1s or 20w5s")
     p.add_argument("--configs", type=Path, default=ROOT / "configs" / "omniglot")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
-    p.add_argument("--minutes", type=float, required=True, help="training time per model (training steps only)")
+    budget_given = p.add_mutually_exclusive_group(required=True)
+    budget_given.add_argument("--minutes", type=float, help="training time per model (training steps only)")
+    budget_given.add_argument("--steps", type=int, help="optimiser steps per model, instead of --minutes")
     p.add_argument("--val-every", type=float, default=60.0, help="seconds of wall time between validations")
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value for every model")
     p.add_argument("--score-at", nargs="*", default=[], metavar="NwKs",
@@ -197,7 +212,7 @@ def main(argv=None) -> list[dict]:
         release_memory()
         rows += model_rows
         if meta is None:  # the data settings of a setting are the same for every model
-            meta = {"dataset": dm.dataset, "setting": args.setting, "minutes": args.minutes,
+            meta = {"dataset": dm.dataset, "setting": args.setting, "minutes": args.minutes, "steps": args.steps,
                     "val_every_seconds": args.val_every, "test_episodes": dm.test_episodes,
                     "queries": dm.eval_queries or dm.queries, "test_seed": dm.test_seed, "val_seed": dm.val_seed,
                     "val_episodes": dm.val_episodes, "eval_batch_size": dm.eval_batch_size}

@@ -105,7 +105,8 @@ def train(config: Path, run_name: str, overrides: list[str], budget: Budget) -> 
 
 
 class TrainingClock(L.Callback):
-    """The training time of a run, its validation curve and who trained it; stops the run at `budget_seconds`.
+    """The training time of a run, its validation curve and who trained it; stops the run at `budget_seconds` of
+    training time or at `budget_steps` optimiser steps, whichever comes first (None: no such limit).
 
     ``seconds`` sums the wall time of the training steps (forward, backward, optimiser step: from
     ``on_train_batch_start`` to ``on_train_batch_end``; no validation, no checkpoint writes), so the budget does
@@ -116,9 +117,15 @@ class TrainingClock(L.Callback):
     saved in the run's checkpoints, so a fit resumed from ``last.ckpt`` continues them.
     """
 
-    def __init__(self, budget_seconds: float | None = None):
-        self.budget_seconds, self.seconds, self.curve, self.segments = budget_seconds, 0.0, [], []
+    def __init__(self, budget_seconds: float | None = None, budget_steps: int | None = None):
+        self.budget_seconds, self.budget_steps = budget_seconds, budget_steps
+        self.seconds, self.curve, self.segments = 0.0, [], []
         self._started = None
+
+    def reached(self, step: int) -> bool:
+        """Whether a run at optimiser step `step` with this clock's seconds has its budget."""
+        return (self.budget_seconds is not None and self.seconds >= self.budget_seconds
+                or self.budget_steps is not None and step >= self.budget_steps)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.segments.append({"from_step": trainer.global_step, "from_seconds": self.seconds, **code_and_machine()})
@@ -128,7 +135,7 @@ class TrainingClock(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seconds += time.perf_counter() - self._started
-        if self.budget_seconds is not None and self.seconds >= self.budget_seconds:
+        if self.reached(trainer.global_step):
             trainer.should_stop = True
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -151,17 +158,20 @@ def callback_state(ckpt: dict, kind: type) -> dict:
     return next((v for k, v in ckpt.get("callbacks", {}).items() if k.split("{")[0] == kind.__name__), {})
 
 
-def train_for(config: Path, run_name: str, overrides: list[str], seconds: float,
-              val_every_seconds: float) -> tuple[TTTMetaCLI, TrainingClock, int]:
+def train_for(config: Path, run_name: str, overrides: list[str], seconds: float | None, val_every_seconds: float,
+              steps: int | None = None) -> tuple[TTTMetaCLI, TrainingClock, int]:
     """(the run with its best checkpoint's weights loaded, its clock, that checkpoint's step): `config` trained as run
-    `run_name` until its TrainingClock reaches `seconds`, validating every `val_every_seconds` of wall time. A run
-    of that name that an earlier call left (its newest ``last.ckpt``) is continued exactly (same version folder)
-    when it has trained less, and only reloaded when it has trained as long or longer."""
+    `run_name` until its TrainingClock reaches `seconds` of training time or `steps` optimiser steps (None: no such
+    limit), validating every `val_every_seconds` of wall time. A run of that name that an earlier call left (its
+    newest ``last.ckpt``) is continued exactly (same version folder) when it has not reached the budget, and only
+    reloaded when it has."""
     try:
         last = newest_last_checkpoint(run_name)
     except MissingInput:
         last = None
-    clock = TrainingClock(seconds)
+    if seconds is None and steps is None:
+        raise ValueError("train_for needs a budget: seconds, steps or both")
+    clock = TrainingClock(seconds, steps)
     saved = read_checkpoint(last) if last is not None else None
     if saved is not None:
         clock.load_state_dict(callback_state(saved, TrainingClock))
@@ -169,7 +179,7 @@ def train_for(config: Path, run_name: str, overrides: list[str], seconds: float,
     interval = f"{every // 86400:02d}:{every // 3600 % 24:02d}:{every // 60 % 60:02d}:{every % 60:02d}"  # DD:HH:MM:SS
     cli = build(config, [*overrides, "trainer.max_steps=-1", "trainer.max_epochs=-1",
                          f"trainer.val_check_interval={interval}"], run_name, resume=last)
-    if last is None or clock.seconds < seconds:
+    if saved is None or not clock.reached(saved["global_step"]):
         cli.trainer.callbacks.insert(0, clock)
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last, weights_only=False)
         last = newest_last_checkpoint(run_name)
