@@ -25,9 +25,10 @@ README shows, provenance) and <name>.png (validation accuracy against log traini
 episodes), after each model, so that an interrupted call keeps the models it finished.
 
 ``--steps N`` instead of ``--minutes`` trains every run for N optimiser steps (extended alike by a later call with
-more): for an ablation of variants whose steps cost the same (measure that in one process), where equal minutes
-would hand one variant more steps than another as the machine's speed drifts (up to 10% between two runs side
-by side on this VM).
+more), and ``--steps N protonet=M`` gives model protonet M steps (all its variants): equal minutes hand one run more
+steps than another as the machine's speed drifts (up to 10% between two runs side by side on this VM, and 1.8x
+between sessions), so a budget of steps is the robust one: equal steps for variants whose steps cost the same, or
+a time budget converted to each model's steps by step costs measured in one process (``bench_training.py``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def release_memory() -> None:
         pass
 
 
+def model_steps(text: str) -> tuple[str, int]:
+    """``[MODEL=]N`` -> (MODEL or "" for every model, N)."""
+    model, _, steps = text.rpartition("=")
+    return model, int(steps)
+
+
 def variant(text: str) -> tuple[str, list[str]]:
     """``NAME[:key=value[,key=value...]]`` -> (NAME, overrides); NAME "default" means no suffix."""
     name, _, overrides = text.partition(":")
@@ -99,8 +106,11 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
     given = [*args.override, *variant_overrides]
     overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *given]
     seconds = None if args.minutes is None else 60 * args.minutes
+    steps = None if args.steps is None else args.steps.get(name, args.steps.get(""))
+    if args.steps is not None and steps is None:
+        raise SystemExit(f"error: --steps gives no budget for model {name}: add {name}=N or a bare N for every model")
     cli, clock, best_step = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
-                                      seconds, args.val_every, args.steps)
+                                      seconds, args.val_every, steps)
     model, data = cli.model, cli.datamodule.hparams
     steps = clock.curve[-1]["step"] if clock.curve else 0
     common = {"run": label, "precision": precision, "overrides": given, "train_seconds": clock.seconds,
@@ -132,10 +142,13 @@ def _seconds(value: float | None) -> str:
 
 
 def budget(meta: dict) -> str:
-    """The training budget per model, in words."""
-    if meta.get("steps") is not None:
-        return f"{meta['steps']:,} training steps"
-    return f"{meta['minutes']:g} min of training steps"
+    """The training budget of each model, in words."""
+    steps = meta.get("steps")
+    if steps is None:
+        return f"{meta['minutes']:g} min of training steps per model"
+    if set(steps) == {""}:
+        return f"{steps['']:,} training steps per model"
+    return "training steps " + ", ".join(f"{model or 'every other model'} {n:,}" for model, n in steps.items())
 
 
 def table(rows: list[dict], meta: dict, prov: dict) -> str:
@@ -151,7 +164,7 @@ def table(rows: list[dict], meta: dict, prov: dict) -> str:
               f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x" if ttt and not at else "-",
               *(_seconds(r["time_to"][f"{t:.0%}"]) for t in THRESHOLDS), f"{r['train_seconds']:.0f}",
               r["train_steps"], f"{r['train_episodes']:,}", f"{r['params']:,}"] for r in rows]
-    caption = (f"{meta['dataset']} {meta['setting']}: {budget(meta)} per model "
+    caption = (f"{meta['dataset']} {meta['setting']}: {budget(meta)} "
                f"({hardware_text(prov)}); test: the best-validated checkpoint on {meta['test_episodes']} fixed test "
                f"episodes ({meta['queries']} queries per class), cost per episode in batches of "
                f"{meta['eval_batch_size']}. Commit {str(prov['commit'])[:10]}{' (dirty)' if prov['dirty'] else ''}, "
@@ -180,7 +193,7 @@ def figure(rows: list[dict], meta: dict, path: Path) -> None:
         for t in THRESHOLDS:
             ax.axhline(100 * t, color="grey", lw=0.5, ls=":")
     by_time.legend(fontsize=8)
-    fig.suptitle(f"{meta['dataset']} {meta['setting']}: {budget(meta)} per model")
+    fig.suptitle(f"{meta['dataset']} {meta['setting']}: {budget(meta)}")
     save_figure(fig, path)
 
 
@@ -191,7 +204,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     budget_given = p.add_mutually_exclusive_group(required=True)
     budget_given.add_argument("--minutes", type=float, help="training time per model (training steps only)")
-    budget_given.add_argument("--steps", type=int, help="optimiser steps per model, instead of --minutes")
+    budget_given.add_argument("--steps", nargs="+", type=model_steps, metavar="[MODEL=]N",
+                              help="optimiser steps per model instead of --minutes: N for every model, MODEL=N for one")
     p.add_argument("--val-every", type=float, default=60.0, help="seconds of wall time between validations")
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value for every model")
     p.add_argument("--score-at", nargs="*", default=[], metavar="NwKs",
@@ -203,6 +217,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--name", help="results file name (default compare_<dataset>_<setting>)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
+    if args.steps is not None:
+        args.steps = dict(args.steps)
     set_threads()
     prov = provenance(__file__, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -154,13 +154,13 @@ def test_compare_trains_for_a_time_budget_and_extends_exactly(tmp_path, monkeypa
 
 def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypatch):
     """--steps: every run stops at that many optimiser steps whatever its speed, a larger --steps continues it from
-    there, the same --steps only rescores, and the caption names the budget."""
+    there, the same --steps only rescores, MODEL=N gives one model its own, and the caption names the budget."""
     compare = script("compare")
     monkeypatch.chdir(tmp_path)
     overrides = ["data.dataset=synthetic", "data.val_episodes=4", "data.test_episodes=4", "data.eval_batch_size=2",
-                 "data.meta_batch_size=2", "model.init_args.encoder_channels=4", "model.init_args.width=16"]
-    common = ["--setting", "5w1s", "--val-every", "1000", "--models", "ttt_linear", "--override", *overrides,
-              "--variants", "default", "qk:model.init_args.normalize_qk=true", "--out", str(tmp_path / "results")]
+                 "data.meta_batch_size=2", "model.init_args.encoder_channels=4"]
+    base = ["--setting", "5w1s", "--val-every", "1000", "--override", *overrides, "--out", str(tmp_path / "results")]
+    common = [*base, "--models", "ttt_linear", "--variants", "default", "qk:model.init_args.normalize_qk=true"]
     rows = compare.main([*common, "--steps", "3"])
     assert [(r["model"], r["train_steps"], r["curve"][-1]["step"]) for r in rows] == [("ttt_linear", 3, 3),
                                                                                       ("ttt_linear_qk", 3, 3)]
@@ -170,8 +170,13 @@ def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypa
     assert [(r["train_steps"], len(r["training"]), r["acc"]) for r in again] == [
         (r["train_steps"], 2, r["acc"]) for r in more]
     saved = json.loads((tmp_path / "results" / "compare_synthetic_5w1s.json").read_text())
-    assert saved["meta"]["steps"] == 5 and saved["meta"]["minutes"] is None
-    assert saved["markdown"].startswith("synthetic 5w1s: 5 training steps per model")
+    assert saved["meta"]["steps"] == {"": 5} and saved["meta"]["minutes"] is None
+    assert saved["markdown"].startswith("synthetic 5w1s: 5 training steps per model (")
+    # a model's own budget: protonet 4 steps, the TTT runs as they were
+    rows = compare.main([*base, "--models", "ttt_linear", "protonet", "--steps", "5", "protonet=4"])
+    assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("protonet", 4)]
+    saved = json.loads((tmp_path / "results" / "compare_synthetic_5w1s.json").read_text())
+    assert saved["markdown"].startswith("synthetic 5w1s: training steps every other model 5, protonet 4 (")
 
 
 def test_bench_encoders_quick(tmp_path):
