@@ -15,7 +15,7 @@ as a ProtoNet, for a pure learner too). "served - ProtoNet" is what test-time tr
 classification of the same features. A checkpoint trained on episodes of varied sizes is scored at each of the
 four Omniglot settings, the others at their own. Float32, on the CPU or the GPU at hand.
 
-Writes <out>/head_gain_omniglot.json (rows, the Markdown table, provenance).
+Writes <out>/<name>.json (default head_gain_omniglot: rows, the Markdown table, provenance).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--episodes", type=int, default=600, help="N fixed test episodes (data.test_episodes)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides key=value (data.root=...)")
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="folder of the results file")
+    parser.add_argument("--name", default="head_gain_omniglot", help="results file name, without suffix")
     args = parser.parse_args(argv)
     set_threads()
     prov = provenance(__file__, argv)  # the tree as it is when the scoring starts
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     markdown = caption + "\n\n" + markdown_table(
         ["checkpoint", "learner", "scored at", "served acc %", "TTT head alone %", "its encoder as a ProtoNet %",
          "served - ProtoNet"], lines)
-    write_results(args.out, "head_gain_omniglot", {"episodes": args.episodes, "rows": rows}, markdown, prov)
+    write_results(args.out, args.name, {"episodes": args.episodes, "rows": rows}, markdown, prov)
     print(markdown)
     return rows
 

@@ -274,8 +274,9 @@ def test_head_gain_scores_the_served_model(omniglot_root, tmp_path):
     checks = [json.loads((ROOT / "checkpoints" / "omniglot" / f"{n}.json").read_text())["check"] for n in names]
     assert checks[0]["episodes"] == checks[1]["episodes"]
     rows = script("head_gain").main(["--names", *names, "--episodes", str(checks[0]["episodes"]),
-                                     "--override", f"data.root={omniglot_root}", "--out", str(tmp_path)])
+                                     "--override", f"data.root={omniglot_root}", "--out", str(tmp_path),
+                                     "--name", "gain"])
     assert [(r["setting"], r["hybrid"]) for r in rows] == [("5w5s", True), ("5w1s", False)]
-    assert (tmp_path / "head_gain_omniglot.json").is_file() and rows[1]["served"] == rows[1]["head"]
+    assert (tmp_path / "gain.json").is_file() and rows[1]["served"] == rows[1]["head"]
     for row, check in zip(rows, checks):
         assert abs(row["served"]["acc"] - check["acc"]) <= 1 / (check["episodes"] * check["queries"]) + 1e-9, row
