@@ -106,11 +106,9 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
     given = [*args.override, *variant_overrides]
     overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *given]
     seconds = None if args.minutes is None else 60 * args.minutes
-    steps = None if args.steps is None else args.steps.get(name, args.steps.get(""))
-    if args.steps is not None and steps is None:
-        raise SystemExit(f"error: --steps gives no budget for model {name}: add {name}=N or a bare N for every model")
+    budget_steps = None if args.steps is None else args.steps.get(name, args.steps.get(""))
     cli, clock, best_step = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
-                                      seconds, args.val_every, steps)
+                                      seconds, args.val_every, budget_steps)
     model, data = cli.model, cli.datamodule.hparams
     steps = clock.curve[-1]["step"] if clock.curve else 0
     common = {"run": label, "precision": precision, "overrides": given, "train_seconds": clock.seconds,
@@ -217,8 +215,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--name", help="results file name (default compare_<dataset>_<setting>)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
-    if args.steps is not None:
+    if args.steps is not None:  # every model has a budget, and every budget a model: checked before any training
         args.steps = dict(args.steps)
+        if "" not in args.steps and (unbudgeted := [m for m in args.models if m not in args.steps]):
+            p.error(f"--steps gives no budget for {', '.join(unbudgeted)}: add MODEL=N for each, or a bare N")
+        if strays := sorted(set(args.steps) - {"", *args.models}):
+            p.error(f"--steps names {', '.join(strays)}, not among --models {' '.join(args.models)}")
     set_threads()
     prov = provenance(__file__, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ttt_meta import measure
@@ -173,6 +174,9 @@ def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypa
     assert saved["meta"]["steps"] == {"": 5} and saved["meta"]["minutes"] is None
     assert saved["markdown"].startswith("synthetic 5w1s: 5 training steps per model (")
     # a model's own budget: protonet 4 steps, the TTT runs as they were
+    for budgets in (["protonet=4"], ["5", "protonett=4"]):  # a model without a budget, a budget without a model
+        with pytest.raises(SystemExit):
+            compare.main([*base, "--models", "ttt_linear", "protonet", "--steps", *budgets])
     rows = compare.main([*base, "--models", "ttt_linear", "protonet", "--steps", "5", "protonet=4"])
     assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("protonet", 4)]
     saved = json.loads((tmp_path / "results" / "compare_synthetic_5w1s.json").read_text())
