@@ -306,3 +306,29 @@ def test_normalize_qk_reads_by_cosine(share_qk):
     torch.testing.assert_close((v, eta), (v0, eta0))
     torch.testing.assert_close(normed(x, 5), primal(x, 5), rtol=1e-10, atol=1e-12)
     assert not torch.allclose(normed(x, 5), plain(x, 5))
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_readout_is_gradient_descent_on_the_supports(epochs):
+    """ttt_readout equals `epochs` steps of batch gradient descent from W = 0, each gradient by torch.func.grad, in
+    float64; at one step it is linear attention over the supports: logits[n] = sum_{j in n} eta_j q . k_j."""
+    from ttt_meta.nn.ttt import ttt_readout
+    g = torch.Generator().manual_seed(0)
+    B, NK, NQ, D, N = 2, 6, 4, 5, 3
+    q, k = (torch.randn(B, n, D, generator=g, dtype=torch.float64) for n in (NQ, NK))
+    y = F.one_hot(torch.randint(0, N, (B, NK), generator=g), N).double()
+    eta = torch.rand(B, NK, generator=g, dtype=torch.float64) * 0.2
+
+    def loss(W, b):
+        return (eta[b].unsqueeze(-1) * 0.5 * (k[b] @ W - y[b]).square()).sum()
+
+    for b in range(B):
+        W = torch.zeros(D, N, dtype=torch.float64)
+        for _ in range(epochs):
+            W = W - torch.func.grad(loss)(W, b)
+        torch.testing.assert_close(ttt_readout(q, k, y, eta, epochs)[b], q[b] @ W, rtol=1e-12, atol=1e-12)
+    if epochs == 1:
+        attention = (q @ k.transpose(1, 2)) * eta.unsqueeze(1) @ y  # [B, NQ, N]
+        torch.testing.assert_close(ttt_readout(q, k, y, eta, 1), attention, rtol=1e-12, atol=1e-12)
+    else:  # the later steps change the readout
+        assert not torch.allclose(ttt_readout(q, k, y, eta, epochs), ttt_readout(q, k, y, eta, 1))

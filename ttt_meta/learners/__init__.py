@@ -3,6 +3,7 @@
 from .base import EpisodicLearner
 from .maml import MAMLLearner
 from .protonet import ProtoNetLearner
+from .readout import TTTReadoutLearner
 from .sequence import SequenceMetaLearner
 
-__all__ = ["EpisodicLearner", "MAMLLearner", "ProtoNetLearner", "SequenceMetaLearner"]
+__all__ = ["EpisodicLearner", "MAMLLearner", "ProtoNetLearner", "SequenceMetaLearner", "TTTReadoutLearner"]

@@ -30,6 +30,18 @@ so no value is read back from the device) says that only the first `writers` tok
 eta 0): the dual form then scans up to the end of the mini-batch of the last writer and evaluates the trailing
 read-only tokens at once; their eta is the constant 0 there (no gradient to it), where the primal form gives the
 one-sided derivative of a token that starts writing.
+
+``ttt_readout`` is the TTT layer as a few-shot classifier (``ttt_meta.learners.readout``): a linear inner model,
+no LN and no residual, whose targets are the supports' one-hot labels, trained by batch gradient descent over all
+supports (one mini-batch, ``epochs`` passes) from W_0 = 0, and read by the queries:
+
+    l(W)     = sum_j eta_j * 0.5 * || k_j W - y_j ||^2          k_j [D], y_j one-hot [N], W [D, N]
+    W_{e+1}  = W_e - sum_j eta_j k_j^T (k_j W_e - y_j)           e = 0 .. epochs - 1
+    logits_q = q W_epochs                                        [N]
+
+After one pass ``logits_q[n] = sum_{j in class n} eta_j q . k_j``: linear attention over the supports (Sun et al.,
+Theorem 1), with unit keys and equal eta a cosine prototype classifier; each further pass is a delta-rule
+correction towards the least-squares fit of the labels, so a support the model already explains adds less.
 """
 
 from __future__ import annotations
@@ -306,6 +318,16 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m, n, chunks=_mlp_chunks, group=
 
 
 # ----------------------------------------------------------------------------------------------- layers
+# ----------------------------------------------------------------------------------------------- TTT readout
+def ttt_readout(q: Tensor, k: Tensor, y: Tensor, eta: Tensor, epochs: int) -> Tensor:
+    """The TTT readout (module docstring): q [B, NQ, D], k [B, NK, D], y [B, NK, N] (one-hot), eta [B, NK] ->
+    logits [B, NQ, N] = q W_epochs, W_0 = 0, by `epochs` batch gradient steps on sum_j eta_j 0.5 ||k_j W - y_j||^2."""
+    W = (eta.unsqueeze(-1) * k).transpose(1, 2) @ y  # [B, D, N]: the first step from W_0 = 0
+    for _ in range(epochs - 1):
+        W = W - (eta.unsqueeze(-1) * k).transpose(1, 2) @ (k @ W - y)
+    return q @ W
+
+
 class TTTLayer(nn.Module):
     """Shared shell of TTT-Linear and TTT-MLP: projections, learned inner lr, inner LN, output norm and theta_O.
 
