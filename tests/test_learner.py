@@ -10,7 +10,7 @@ import torch
 from ttt_meta.data.datamodule import TrainEpisodes
 from ttt_meta.data.episodes import EpisodeSpec
 from ttt_meta.data.synthetic import make_glyphs
-from ttt_meta.learners import MAMLLearner, ProtoNetLearner, SequenceMetaLearner
+from ttt_meta.learners import MAMLLearner, ProtoNetLearner, SequenceMetaLearner, TTTReadoutLearner
 
 TINY = dict(width=32, depth=2, num_heads=2, encoder_channels=16, max_ways=5, mini_batch_size=4)
 SEQUENCE_CORES = ["ttt_linear", "ttt_mlp", "lstm", "attention"]
@@ -21,6 +21,8 @@ def make(name: str):
         return SequenceMetaLearner(core=name, **TINY)
     if name == "protonet":
         return ProtoNetLearner(encoder_channels=16)
+    if name == "ttt_readout":
+        return TTTReadoutLearner(inner_epochs=3, encoder_channels=16)
     return MAMLLearner(ways=5, inner_lr=0.4, encoder_channels=16, meta_sgd=name == "metasgd")
 
 
@@ -37,7 +39,7 @@ def train(model, batches, steps, lr=3e-3):
         opt.step()
 
 
-@pytest.mark.parametrize("name", SEQUENCE_CORES + ["protonet", "maml", "metasgd"])
+@pytest.mark.parametrize("name", SEQUENCE_CORES + ["ttt_readout", "protonet", "maml", "metasgd"])
 def test_a_few_steps_lower_the_loss(name):
     """Gradients reach everything that matters: 30 steps on one batch of episodes more than halve its loss."""
     torch.manual_seed(0)
@@ -63,7 +65,7 @@ def test_ttt_meta_learns_unseen_classes():
     assert acc.mean() > 0.75 and loss.item() < math.log(2), (acc.mean().item(), loss.item() / math.log(2))
 
 
-@pytest.mark.parametrize("name", SEQUENCE_CORES + ["protonet"])
+@pytest.mark.parametrize("name", SEQUENCE_CORES + ["ttt_readout", "protonet"])
 def test_queries_are_independent(name):
     """Permuting the queries permutes the predictions; a query scored alone gets the same logits."""
     torch.manual_seed(0)
@@ -148,3 +150,20 @@ def test_label_space_is_checked():
         SequenceMetaLearner(**TINY).check_data(dm)
     with pytest.raises(ValueError, match="no effect on ProtoNetLearner"):
         ProtoNetLearner(encoder_channels=16).check_data(dm)
+
+
+def test_readout_starts_as_a_cosine_prototype_classifier():
+    """At initialisation (theta the identity, the gate's weight 0) one step of the TTT readout scores a query by
+    scale * eta_base * sigmoid(0) * cos(q, mean of class n's unit keys), keys and queries centred on the supports'
+    mean; it serves any number of ways (here 7, the model built with no way count)."""
+    torch.manual_seed(0)
+    model = TTTReadoutLearner(eta_base=2.0, encoder_channels=16).eval()
+    torch.nn.init.zeros_(model.gate.weight)
+    batch = next(episodes(EpisodeSpec(7, 3, 2), 2))
+    with torch.inference_mode():
+        logits = model(batch)
+        e = model.encoder(model.images(torch.cat([batch["support"], batch["query"]], 1).flatten(0, 1))).view(2, 35, -1)
+    e = torch.nn.functional.normalize(e - e[:, :21].mean(1, keepdim=True), dim=-1)
+    onehot = torch.nn.functional.one_hot(batch["support_labels"], 7).float()
+    prototypes = onehot.transpose(1, 2) @ e[:, :21] / 3  # [B, 7, F], means of unit keys
+    torch.testing.assert_close(logits, 10 * 2.0 * 0.5 * e[:, 21:] @ prototypes.transpose(1, 2), rtol=1e-4, atol=1e-5)
