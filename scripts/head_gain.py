@@ -4,7 +4,8 @@
     python scripts/head_gain.py --names ttt_linear_proto_5w5s --episodes 100 --out /tmp/gain
 
 A TTT learner (``SequenceMetaLearner``) serves its TTT head's logits; the hybrid (``prototype_residual: true``)
-adds ProtoNets' logits of its encoder's features to them:
+adds ProtoNets' logits of its encoder's features to them; the TTT readout (``TTTReadoutLearner``) serves its readout's
+(its head here):
 
     served[q, c] = head(TTT(tokens))[q, c]  (+ prototype[q, c]),   prototype[q, c] = -||e(x_q) - mean_{y_s = c} e(x_s)||^2
 
@@ -29,7 +30,7 @@ import torch
 from ttt_meta.checkpointing import check_checkpoint
 from ttt_meta.cli import set_threads
 from ttt_meta.errors import UserError
-from ttt_meta.learners import SequenceMetaLearner
+from ttt_meta.learners import SequenceMetaLearner, TTTReadoutLearner
 from ttt_meta.measure import (confidence_interval, episode_accuracy, hardware_text, markdown_table, provenance,
                               write_results)
 from ttt_meta.runs import build
@@ -40,7 +41,7 @@ SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 TERMS = ("served", "head", "prototype")
 
 
-def term_accuracies(model: SequenceMetaLearner, dm, device: torch.device) -> dict[str, dict]:
+def term_accuracies(model: SequenceMetaLearner | TTTReadoutLearner, dm, device: torch.device) -> dict[str, dict]:
     """{term: {"acc", "ci95"}} of the served model, the head's term and the prototype term on `dm`'s fixed test
     episodes."""
     per_episode = {t: [] for t in TERMS}
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         config, overrides = ROOT / report["config"], [*report["overrides"], *args.override,
                                                       f"data.test_episodes={args.episodes}"]
         cli = build(config, overrides)
-        if not isinstance(cli.model, SequenceMetaLearner):
-            raise UserError(f"{name} is not a sequence learner (it has no TTT head). Name a ttt_* checkpoint")
+        if not isinstance(cli.model, SequenceMetaLearner | TTTReadoutLearner):
+            raise UserError(f"{name} is not a TTT learner (it has no TTT head). Name a ttt_* checkpoint")
         weights = check_checkpoint(SHIPPED / f"{name}.ckpt", cli.model)["state_dict"]
         data, spec = cli.datamodule.hparams, cli.datamodule.eval_spec
         if data.ways_up_to is None and data.shots_up_to is None:  # scored at its own setting
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for setting, run in runs.items():
             run.model.load_state_dict(weights)
             run.datamodule.setup("test")
-            rows.append({"checkpoint": name, "hybrid": run.model.hparams.prototype_residual, "setting": setting,
+            hybrid = run.model.hparams.get("prototype_residual", False)
+            rows.append({"checkpoint": name, "hybrid": hybrid, "setting": setting,
                          **term_accuracies(run.model, run.datamodule, device)})
             print(name, rows[-1]["setting"], {t: round(100 * rows[-1][t]["acc"], 2) for t in TERMS}, flush=True)
     caption = (f"What the TTT head adds over its own encoder used as a ProtoNet: each shipped TTT learner on "

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..nn.encoders import make_encoder
 from ..nn.ttt import ttt_readout
 from .base import EpisodicLearner
+from .protonet import prototype_logits
 
 
 class TTTReadoutLearner(EpisodicLearner):
@@ -56,15 +57,25 @@ class TTTReadoutLearner(EpisodicLearner):
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
     def forward(self, batch: dict) -> Tensor:
+        return self.logit_terms(batch)[0]
+
+    def served_logits(self, readout: Tensor, prototype: Tensor | None) -> Tensor:
+        """The logits the learner serves from its two terms (``logit_terms``): the readout's."""
+        return readout
+
+    def logit_terms(self, batch: dict, prototype: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(the readout's logits [B, NQ, N], with `prototype` ProtoNets' logits of the encoder's features [B, NQ, N]
+        else None), from one encoder pass (as ``SequenceMetaLearner.logit_terms``, for scripts/head_gain.py)."""
         support, query, labels, ways = (self.images(batch["support"]), self.images(batch["query"]),
                                         batch["support_labels"], batch["ways"])
         B, NK, NQ = support.shape[0], support.shape[1], query.shape[1]
-        h = self.theta(self.encoder(torch.cat([support, query], 1).flatten(0, 1))).view(B, NK + NQ, -1)
+        e = self.encoder(torch.cat([support, query], 1).flatten(0, 1)).view(B, NK + NQ, -1)
+        h = self.theta(e)
         with torch.autocast(h.device.type, enabled=False):  # the inner loop in full precision
             h = h.float()
             h = h - h[:, :NK].mean(1, keepdim=True)
             keys = F.normalize(h, dim=-1)
             eta = self.hparams.eta_base * torch.sigmoid(self.gate(h[:, :NK])).squeeze(-1) * ways / NK  # [B, NK]
             y = F.one_hot(labels, ways).float()  # [B, NK, N]
-            logits = ttt_readout(keys[:, NK:], keys[:, :NK], y, eta, self.hparams.inner_epochs)
-            return self.log_scale.exp() * logits
+            logits = self.log_scale.exp() * ttt_readout(keys[:, NK:], keys[:, :NK], y, eta, self.hparams.inner_epochs)
+        return logits, prototype_logits(e[:, :NK], labels, e[:, NK:], ways) if prototype else None
