@@ -167,3 +167,10 @@ def test_readout_starts_as_a_cosine_prototype_classifier():
     onehot = torch.nn.functional.one_hot(batch["support_labels"], 7).float()
     prototypes = onehot.transpose(1, 2) @ e[:, :21] / 3  # [B, 7, F], means of unit keys
     torch.testing.assert_close(logits, 10 * 2.0 * 0.5 * e[:, 21:] @ prototypes.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [{"inner_epochs": 0}, {"eta_base": 0.0}])
+def test_readout_refuses_a_bad_option_naming_it(option):
+    from ttt_meta.errors import UserError
+    with pytest.raises(UserError, match=f"model.init_args.{next(iter(option))}"):
+        TTTReadoutLearner(**option)
