@@ -49,7 +49,8 @@ from ttt_meta.nn.cores import CORES
 from ttt_meta.runs import build, score, train_for
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = [*CORES, "ttt_linear_proto", "ttt_linear_wide", "ttt_linear_cos", "ttt_readout", "lstm_large", "protonet", "maml", "metasgd"]
+MODELS = [*CORES, "ttt_linear_proto", "ttt_linear_wide", "ttt_linear_cos", "ttt_readout", "lstm_large", "protonet",
+          "maml", "metasgd"]
 # slower in bf16 autocast on CPU (runs.step_seconds under autocast, 1 thread: 0.93 vs 0.83 s per MAML 5w1s step)
 FLOAT32 = ("maml", "metasgd")
 MAML_STEPS = (1, 10)  # scored besides the configured test steps

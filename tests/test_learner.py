@@ -10,6 +10,7 @@ import torch
 from ttt_meta.data.datamodule import TrainEpisodes
 from ttt_meta.data.episodes import EpisodeSpec
 from ttt_meta.data.synthetic import make_glyphs
+from ttt_meta.errors import UserError
 from ttt_meta.learners import MAMLLearner, ProtoNetLearner, SequenceMetaLearner, TTTReadoutLearner
 
 TINY = dict(width=32, depth=2, num_heads=2, encoder_channels=16, max_ways=5, mini_batch_size=4)
@@ -171,6 +172,5 @@ def test_readout_starts_as_a_cosine_prototype_classifier():
 
 @pytest.mark.parametrize("option", [{"inner_epochs": 0}, {"eta_base": 0.0}])
 def test_readout_refuses_a_bad_option_naming_it(option):
-    from ttt_meta.errors import UserError
     with pytest.raises(UserError, match=f"model.init_args.{next(iter(option))}"):
         TTTReadoutLearner(**option)

@@ -317,17 +317,18 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m, n, chunks=_mlp_chunks, group=
     return q + _ln(Z, lw, lb), (W1, b1, W2, b2)
 
 
-# ----------------------------------------------------------------------------------------------- layers
 # ----------------------------------------------------------------------------------------------- TTT readout
 def ttt_readout(q: Tensor, k: Tensor, y: Tensor, eta: Tensor, epochs: int) -> Tensor:
     """The TTT readout (module docstring): q [B, NQ, D], k [B, NK, D], y [B, NK, N] (one-hot), eta [B, NK] ->
     logits [B, NQ, N] = q W_epochs, W_0 = 0, by `epochs` batch gradient steps on sum_j eta_j 0.5 ||k_j W - y_j||^2."""
-    W = (eta.unsqueeze(-1) * k).transpose(1, 2) @ y  # [B, D, N]: the first step from W_0 = 0
+    weighted_kT = (eta.unsqueeze(-1) * k).transpose(1, 2)  # [B, D, NK]: (eta * k)^T, the same at every step
+    W = weighted_kT @ y  # [B, D, N]: the first step from W_0 = 0
     for _ in range(epochs - 1):
-        W = W - (eta.unsqueeze(-1) * k).transpose(1, 2) @ (k @ W - y)
+        W = W - weighted_kT @ (k @ W - y)
     return q @ W
 
 
+# ----------------------------------------------------------------------------------------------- layers
 class TTTLayer(nn.Module):
     """Shared shell of TTT-Linear and TTT-MLP: projections, learned inner lr, inner LN, output norm and theta_O.
 
