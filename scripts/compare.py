@@ -25,7 +25,8 @@ README shows, provenance) and <name>.png (validation accuracy against log traini
 episodes), after each model, so that an interrupted call keeps the models it finished.
 
 ``--steps N`` instead of ``--minutes`` trains every run for N optimiser steps (extended alike by a later call with
-more), and ``--steps N protonet=M`` gives model protonet M steps (all its variants): equal minutes hand one run more
+more), ``--steps N protonet=M`` gives model protonet M steps (all its variants), ``protonet_w20=K`` its variant w20 K
+steps (a run's own budget comes first, then its model's, then N): equal minutes hand one run more
 steps than another as the machine's speed drifts (up to 10% between two runs side by side on this VM, and 1.8x
 between sessions), so a budget of steps is the robust one: equal steps for variants whose steps cost the same, or
 a time budget converted to each model's steps by step costs measured in one process (``bench_training.py``).
@@ -107,7 +108,7 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
     given = [*args.override, *variant_overrides]
     overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *given]
     seconds = None if args.minutes is None else 60 * args.minutes
-    budget_steps = None if args.steps is None else args.steps.get(name, args.steps.get(""))
+    budget_steps = None if args.steps is None else args.steps.get(label, args.steps.get(name, args.steps.get("")))
     cli, clock, best_step = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
                                       seconds, args.val_every, budget_steps)
     model, data = cli.model, cli.datamodule.hparams
@@ -204,7 +205,8 @@ def main(argv=None) -> list[dict]:
     budget_given = p.add_mutually_exclusive_group(required=True)
     budget_given.add_argument("--minutes", type=float, help="training time per model (training steps only)")
     budget_given.add_argument("--steps", nargs="+", type=model_steps, metavar="[MODEL=]N",
-                              help="optimiser steps per model instead of --minutes: N for every model, MODEL=N for one")
+                              help="optimiser steps per model instead of --minutes: N for every model, MODEL=N for one, "
+                                   "MODEL_VARIANT=N for one run")
     p.add_argument("--val-every", type=float, default=60.0, help="seconds of wall time between validations")
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value for every model")
     p.add_argument("--score-at", nargs="*", default=[], metavar="NwKs",
@@ -220,8 +222,9 @@ def main(argv=None) -> list[dict]:
         args.steps = dict(args.steps)
         if "" not in args.steps and (unbudgeted := [m for m in args.models if m not in args.steps]):
             p.error(f"--steps gives no budget for {', '.join(unbudgeted)}: add MODEL=N for each, or a bare N")
-        if strays := sorted(set(args.steps) - {"", *args.models}):
-            p.error(f"--steps names {', '.join(strays)}, not among --models {' '.join(args.models)}")
+        runs = {f"{m}_{tag}" for m in args.models for tag, _ in args.variants if tag}
+        if strays := sorted(set(args.steps) - {"", *args.models, *runs}):
+            p.error(f"--steps names {', '.join(strays)}, not among --models {' '.join(args.models)} or their runs")
     set_threads()
     prov = provenance(__file__, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

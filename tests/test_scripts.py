@@ -155,7 +155,8 @@ def test_compare_trains_for_a_time_budget_and_extends_exactly(tmp_path, monkeypa
 
 def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypatch):
     """--steps: every run stops at that many optimiser steps whatever its speed, a larger --steps continues it from
-    there, the same --steps only rescores, MODEL=N gives one model its own, and the caption names the budget."""
+    there, the same --steps only rescores, MODEL=N gives one model its own (MODEL_VARIANT=N one run), and the caption
+    names the budget."""
     compare = script("compare")
     monkeypatch.chdir(tmp_path)
     overrides = ["data.dataset=synthetic", "data.val_episodes=4", "data.test_episodes=4", "data.eval_batch_size=2",
@@ -181,6 +182,11 @@ def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypa
     assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("protonet", 4)]
     saved = json.loads((tmp_path / "results" / "compare_synthetic_5w1s.json").read_text())
     assert saved["markdown"].startswith("synthetic 5w1s: training steps every other model 5, protonet 4 (")
+    # a run's own budget comes before its model's: the variant qk continues to 6 steps, the default run stays at 5
+    with pytest.raises(SystemExit):
+        compare.main([*common, "--steps", "5", "ttt_linear_kq=6"])
+    rows = compare.main([*common, "--steps", "5", "ttt_linear=4", "ttt_linear_qk=6"])
+    assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("ttt_linear_qk", 6)]
 
 
 def test_bench_encoders_quick(tmp_path):
