@@ -25,9 +25,9 @@ README shows, provenance) and <name>.png (validation accuracy against log traini
 episodes), after each model, so that an interrupted call keeps the models it finished.
 
 ``--steps N`` instead of ``--minutes`` trains every run for N optimiser steps (extended alike by a later call with
-more), ``--steps N protonet=M`` gives model protonet M steps (all its variants), ``protonet_w20=K`` its variant w20 K
-steps (a run's own budget comes first, then its model's, then N): equal minutes hand one run more
-steps than another as the machine's speed drifts (up to 10% between two runs side by side on this VM, and 1.8x
+more), ``--steps N protonet=M`` gives model protonet M steps (all its variants) and ``protonet_w20=K`` its variant
+w20 K steps (a run's own budget first, then its model's, then N): equal minutes hand one run more steps than
+another as the machine's speed drifts (up to 10% between two runs side by side on this VM, and 1.8x
 between sessions), so a budget of steps is the robust one: equal steps for variants whose steps cost the same, or
 a time budget converted to each model's steps by step costs measured in one process (``bench_training.py``).
 """
@@ -97,18 +97,28 @@ def variant(text: str) -> tuple[str, list[str]]:
     return ("" if name == "default" else name), [o for o in overrides.split(",") if o]
 
 
+def run_label(name: str, tag: str) -> str:
+    """The row and run name of model `name` in variant `tag`: ``<model>[_<variant>]``."""
+    return f"{name}_{tag}" if tag else name
+
+
+def run_budget(steps: dict[str, int], name: str, label: str) -> int | None:
+    """A run's optimiser steps from ``--steps``: its own (RUN=N), else its model's (MODEL=N), else every model's (N)."""
+    return steps.get(label, steps.get(name, steps.get("")))
+
+
 def run_model(name: str, tag: str, variant_overrides: list[str], args, device: torch.device) -> tuple[list[dict], dict]:
     """The rows of model `name` in variant `tag` (trained, continued or reloaded for the budget, then scored) and
     its data module's settings."""
     config = args.configs / f"{name}_{args.setting}.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config {config} for model {name!r}; write one or drop it from --models")
-    label = f"{name}_{tag}" if tag else name
+    label = run_label(name, tag)
     precision = "32-true" if name in FLOAT32 or not has_bf16() else "bf16-mixed"
     given = [*args.override, *variant_overrides]
     overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *given]
     seconds = None if args.minutes is None else 60 * args.minutes
-    budget_steps = None if args.steps is None else args.steps.get(label, args.steps.get(name, args.steps.get("")))
+    budget_steps = None if args.steps is None else run_budget(args.steps, name, label)
     cli, clock, best_step = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
                                       seconds, args.val_every, budget_steps)
     model, data = cli.model, cli.datamodule.hparams
@@ -205,8 +215,8 @@ def main(argv=None) -> list[dict]:
     budget_given = p.add_mutually_exclusive_group(required=True)
     budget_given.add_argument("--minutes", type=float, help="training time per model (training steps only)")
     budget_given.add_argument("--steps", nargs="+", type=model_steps, metavar="[MODEL=]N",
-                              help="optimiser steps per model instead of --minutes: N for every model, MODEL=N for one, "
-                                   "MODEL_VARIANT=N for one run")
+                              help="optimiser steps per model instead of --minutes: N for every model, MODEL=N for "
+                                   "one, MODEL_VARIANT=N for one run")
     p.add_argument("--val-every", type=float, default=60.0, help="seconds of wall time between validations")
     p.add_argument("--override", nargs="*", default=[], help="config overrides key=value for every model")
     p.add_argument("--score-at", nargs="*", default=[], metavar="NwKs",
@@ -218,11 +228,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--name", help="results file name (default compare_<dataset>_<setting>)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
-    if args.steps is not None:  # every model has a budget, and every budget a model: checked before any training
+    if args.steps is not None:  # every run has a budget, and every budget a run: checked before any training
         args.steps = dict(args.steps)
-        if "" not in args.steps and (unbudgeted := [m for m in args.models if m not in args.steps]):
-            p.error(f"--steps gives no budget for {', '.join(unbudgeted)}: add MODEL=N for each, or a bare N")
-        runs = {f"{m}_{tag}" for m in args.models for tag, _ in args.variants if tag}
+        runs = {run_label(m, tag): m for m in args.models for tag, _ in args.variants}
+        if unbudgeted := [label for label, m in runs.items() if run_budget(args.steps, m, label) is None]:
+            p.error(f"--steps gives no budget for {', '.join(unbudgeted)}: add MODEL=N (or RUN=N) for each, or a "
+                    f"bare N")
         if strays := sorted(set(args.steps) - {"", *args.models, *runs}):
             p.error(f"--steps names {', '.join(strays)}, not among --models {' '.join(args.models)} or their runs")
     set_threads()

@@ -183,8 +183,9 @@ def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypa
     saved = json.loads((tmp_path / "results" / "compare_synthetic_5w1s.json").read_text())
     assert saved["markdown"].startswith("synthetic 5w1s: training steps every other model 5, protonet 4 (")
     # a run's own budget comes before its model's: the variant qk continues to 6 steps, the default run stays at 5
-    with pytest.raises(SystemExit):
-        compare.main([*common, "--steps", "5", "ttt_linear_kq=6"])
+    for budgets in (["5", "ttt_linear_kq=6"], ["ttt_linear_qk=6"]):  # a budget without a run, a run without a budget
+        with pytest.raises(SystemExit):
+            compare.main([*common, "--steps", *budgets])
     rows = compare.main([*common, "--steps", "5", "ttt_linear=4", "ttt_linear_qk=6"])
     assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("ttt_linear_qk", 6)]
 
