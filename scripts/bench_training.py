@@ -1,7 +1,7 @@
 """Meta-training throughput: episodes per second of ``fit`` for each model, in float32 and bf16.
 
     python scripts/bench_training.py                                      # results/bench_training.{json,md}
-    python scripts/bench_training.py --models ttt_linear ttt_linear_proto protonet --train-precisions bf16-mixed \
+    python scripts/bench_training.py --models ttt_readout protonet --train-precisions bf16-mixed \
         --train-settings 5w1s 5w5s 20w1s 20w5s --name bench_training_compare
     python scripts/bench_training.py --train-dataset synthetic --train-steps 5 --out /tmp/b
 

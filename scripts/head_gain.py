@@ -1,18 +1,16 @@
 """What a TTT learner's sequence part adds over its own encoder used as a ProtoNet.
 
-    TTT_META_THREADS=1 python scripts/head_gain.py        # every shipped SequenceMetaLearner checkpoint
-    python scripts/head_gain.py --names ttt_linear_proto_5w5s --episodes 100 --out /tmp/gain
+    TTT_META_THREADS=1 python scripts/head_gain.py        # every shipped TTT checkpoint (ttt_*)
+    python scripts/head_gain.py --names ttt_readout_5w5s --episodes 100 --out /tmp/gain
 
-A TTT learner (``SequenceMetaLearner``) serves its TTT head's logits; the hybrid (``prototype_residual: true``)
-adds ProtoNets' logits of its encoder's features to them; the TTT readout (``TTTReadoutLearner``) serves its readout's
-(its head here):
+A TTT learner serves its TTT head's logits (``SequenceMetaLearner``: the head after the TTT blocks;
+``TTTReadoutLearner``: the readout); the same encoder's features also give ProtoNets' logits:
 
-    served[q, c] = head(TTT(tokens))[q, c]  (+ prototype[q, c]),   prototype[q, c] = -||e(x_q) - mean_{y_s = c} e(x_s)||^2
+    served[q, c] = head(TTT(tokens))[q, c],   prototype[q, c] = -||e(x_q) - mean_{y_s = c} e(x_s)||^2
 
 Each shipped checkpoint (checkpoints/omniglot/<name>.ckpt, built from the config its report names) is scored on
 `--episodes` fixed test episodes (``data.test_episodes``: 600 are every table's test set, 100 a report's check set)
-three ways from one forward: the served model, the TTT head's logits alone, and the prototype term (its encoder used
-as a ProtoNet, for a pure learner too). "served - ProtoNet" is what test-time training adds over nearest-centroid
+two ways from one forward: the served model and the prototype term (its encoder used as a ProtoNet). "served - ProtoNet" is what test-time training adds over nearest-centroid
 classification of the same features. A checkpoint trained on episodes of varied sizes is scored at each of the
 four Omniglot settings, the others at their own. Float32, on the CPU or the GPU at hand.
 
@@ -38,19 +36,18 @@ from ttt_meta.runs import build
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "omniglot"
 SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
-TERMS = ("served", "head", "prototype")
+TERMS = ("served", "prototype")
 
 
 def term_accuracies(model: SequenceMetaLearner | TTTReadoutLearner, dm, device: torch.device) -> dict[str, dict]:
-    """{term: {"acc", "ci95"}} of the served model, the head's term and the prototype term on `dm`'s fixed test
-    episodes."""
+    """{term: {"acc", "ci95"}} of the served model and the prototype term on `dm`'s fixed test episodes."""
     per_episode = {t: [] for t in TERMS}
     model.eval().to(device)
     for batch in dm.test_dataloader():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.inference_mode():
-            head, prototype = model.logit_terms(batch, prototype=True)  # [B, NQ, N] each
-        for term, logits in zip(TERMS, (model.served_logits(head, prototype), head, prototype)):
+            served, prototype = model.logit_terms(batch, prototype=True)  # [B, NQ, N] each
+        for term, logits in zip(TERMS, (served, prototype)):
             per_episode[term].append(episode_accuracy(logits, batch["query_labels"]).cpu())
     return {t: dict(zip(("acc", "ci95"), confidence_interval(torch.cat(accs)))) for t, accs in per_episode.items()}
 
@@ -90,20 +87,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for setting, run in runs.items():
             run.model.load_state_dict(weights)
             run.datamodule.setup("test")
-            hybrid = run.model.hparams.get("prototype_residual", False)
-            rows.append({"checkpoint": name, "hybrid": hybrid, "setting": setting,
+            rows.append({"checkpoint": name, "setting": setting,
                          **term_accuracies(run.model, run.datamodule, device)})
             print(name, rows[-1]["setting"], {t: round(100 * rows[-1][t]["acc"], 2) for t in TERMS}, flush=True)
     caption = (f"What the TTT head adds over its own encoder used as a ProtoNet: each shipped TTT learner on "
                f"{args.episodes} fixed test episodes of Omniglot (15 queries per class), float32; served: the model "
-               f"as it serves (a hybrid: head + prototype term), head: the TTT head's logits alone, ProtoNet: the "
-               f"prototype term of its encoder's features ({hardware_text(prov)}). Commit {str(prov['commit'])[:10]}"
+               f"as it serves, ProtoNet: the prototype logits of its encoder's features ({hardware_text(prov)}). Commit {str(prov['commit'])[:10]}"
                f"{' (dirty)' if prov['dirty'] else ''}, {prov['date'][:10]}: `{prov['command']}`")
-    lines = [[f"`{r['checkpoint']}`", "hybrid" if r["hybrid"] else "pure", r["setting"],
+    lines = [[f"`{r['checkpoint']}`", r["setting"],
               *(f"{100 * r[t]['acc']:.2f} +- {100 * r[t]['ci95']:.2f}" for t in TERMS),
               f"{100 * (r['served']['acc'] - r['prototype']['acc']):+.2f}"] for r in rows]
     markdown = caption + "\n\n" + markdown_table(
-        ["checkpoint", "learner", "scored at", "served acc %", "TTT head alone %", "its encoder as a ProtoNet %",
+        ["checkpoint", "scored at", "served acc %", "its encoder as a ProtoNet %",
          "served - ProtoNet"], lines)
     write_results(args.out, args.name, {"episodes": args.episodes, "rows": rows}, markdown, prov)
     print(markdown)

@@ -162,10 +162,10 @@ def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypa
     overrides = ["data.dataset=synthetic", "data.val_episodes=4", "data.test_episodes=4", "data.eval_batch_size=2",
                  "data.meta_batch_size=2", "model.init_args.encoder_channels=4"]
     base = ["--setting", "5w1s", "--val-every", "1000", "--override", *overrides, "--out", str(tmp_path / "results")]
-    common = [*base, "--models", "ttt_linear", "--variants", "default", "qk:model.init_args.normalize_qk=true"]
+    common = [*base, "--models", "ttt_linear", "--variants", "default", "mb2:model.init_args.mini_batch_size=2"]
     rows = compare.main([*common, "--steps", "3"])
     assert [(r["model"], r["train_steps"], r["curve"][-1]["step"]) for r in rows] == [("ttt_linear", 3, 3),
-                                                                                      ("ttt_linear_qk", 3, 3)]
+                                                                                      ("ttt_linear_mb2", 3, 3)]
     more = compare.main([*common, "--steps", "5"])
     assert [(r["train_steps"], len(r["training"]), r["training"][1]["from_step"]) for r in more] == [(5, 2, 3)] * 2
     again = compare.main([*common, "--steps", "5"])
@@ -182,12 +182,12 @@ def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypa
     assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("protonet", 4)]
     saved = json.loads((tmp_path / "results" / "compare_synthetic_5w1s.json").read_text())
     assert saved["markdown"].startswith("synthetic 5w1s: training steps every other model 5, protonet 4 (")
-    # a run's own budget comes before its model's: the variant qk continues to 6 steps, the default run stays at 5
-    for budgets in (["5", "ttt_linear_kq=6"], ["ttt_linear_qk=6"]):  # a budget without a run, a run without a budget
+    # a run's own budget comes before its model's: the variant mb2 continues to 6 steps, the default run stays at 5
+    for budgets in (["5", "ttt_linear_bm2=6"], ["ttt_linear_mb2=6"]):  # a budget without a run, a run without a budget
         with pytest.raises(SystemExit):
             compare.main([*common, "--steps", *budgets])
-    rows = compare.main([*common, "--steps", "5", "ttt_linear=4", "ttt_linear_qk=6"])
-    assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("ttt_linear_qk", 6)]
+    rows = compare.main([*common, "--steps", "5", "ttt_linear=4", "ttt_linear_mb2=6"])
+    assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("ttt_linear_mb2", 6)]
 
 
 def test_bench_encoders_quick(tmp_path):
@@ -278,16 +278,14 @@ def test_compare_scores_one_model_at_several_settings(tmp_path, monkeypatch):
 
 
 def test_head_gain_scores_the_served_model(omniglot_root, tmp_path):
-    """head_gain.py's served term is the model the CLI serves: on the check set of a shipped hybrid and of a shipped
-    pure learner it scores the accuracy that checkpoint's report recorded, to within one query; a pure learner serves
-    its head."""
-    names = ["ttt_linear_proto_5w5s", "ttt_linear_5w1s"]
+    """head_gain.py's served term is the model the CLI serves: on the check set of a shipped readout and of a shipped
+    sequence learner it scores the accuracy that checkpoint's report recorded, to within one query."""
+    names = ["ttt_readout_5w5s", "ttt_linear_5w1s"]
     checks = [json.loads((ROOT / "checkpoints" / "omniglot" / f"{n}.json").read_text())["check"] for n in names]
     assert checks[0]["episodes"] == checks[1]["episodes"]
     rows = script("head_gain").main(["--names", *names, "--episodes", str(checks[0]["episodes"]),
                                      "--override", f"data.root={omniglot_root}", "--out", str(tmp_path),
                                      "--name", "gain"])
-    assert [(r["setting"], r["hybrid"]) for r in rows] == [("5w5s", True), ("5w1s", False)]
-    assert (tmp_path / "gain.json").is_file() and rows[1]["served"] == rows[1]["head"]
+    assert [r["setting"] for r in rows] == ["5w5s", "5w1s"] and (tmp_path / "gain.json").is_file()
     for row, check in zip(rows, checks):
         assert abs(row["served"]["acc"] - check["acc"]) <= 1 / (check["episodes"] * check["queries"]) + 1e-9, row

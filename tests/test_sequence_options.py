@@ -1,18 +1,14 @@
-"""SequenceMetaLearner's opt-in options: the auxiliary ProtoNets loss (proto_aux_weight), the prototype logits added
-to the head's (prototype_residual), the hybrid's head trained apart (head_aux_weight) and fixed equiangular label codes
-(label_codes), the TTT cores' normalised queries and keys (normalize_qk) and inner epochs; their defaults leave the
-model as it was."""
+"""SequenceMetaLearner's opt-in option fixed equiangular label codes (label_codes), whose default leaves the model as
+it was; the prototype logits ProtoNets and scripts/head_gain.py compute."""
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ttt_meta.errors import UserError
 from ttt_meta.learners import ProtoNetLearner, SequenceMetaLearner, protonet
-from ttt_meta.learners.base import EpisodicLearner
 from ttt_meta.learners.protonet import prototype_logits
-from ttt_meta.measure import episode_accuracy, random_episodes
+from ttt_meta.measure import random_episodes
 
 TINY = dict(width=16, depth=1, num_heads=2, encoder_channels=4, image_size=28, max_ways=5, mini_batch_size=4)
 
@@ -59,11 +55,8 @@ def test_defaults_leave_the_model_as_it_was(tied):
     """The defaults: the same state_dict as naming them, a learned label embedding of max_ways + 1 rows, the forward
     (and its training loss) of before, bitwise."""
     model = tiny(tied_head=tied)
-    named = tiny(tied_head=tied, label_codes="learned", proto_aux_weight=0.0, prototype_residual=False,
-                 head_aux_weight=0.0, normalize_qk=False, inner_epochs=1)
-    hp = model.hparams
-    assert (hp.label_codes, hp.proto_aux_weight, hp.prototype_residual, hp.head_aux_weight) == ("learned", 0.0, False,
-                                                                                               0.0)
+    named = tiny(tied_head=tied, label_codes="learned")
+    assert model.hparams.label_codes == "learned"
     state, named_state = model.state_dict(), named.state_dict()
     assert list(state) == list(named_state) and all(torch.equal(v, named_state[k]) for k, v in state.items())
     assert state["model.label_embed.weight"].shape == (6, 16)
@@ -73,18 +66,6 @@ def test_defaults_leave_the_model_as_it_was(tied):
         want = pre_option_logits(model.model, model.images(batch["support"]), batch["support_labels"],
                                  model.images(batch["query"]), batch["ways"])
         assert torch.equal(model(batch), want)
-        loss = model.loss_and_accuracy(batch)[0]  # training mode: no auxiliary term
-        assert torch.equal(loss, EpisodicLearner.loss_and_accuracy(model, batch)[0])
-
-
-def test_ttt_options_reach_every_layer():
-    """normalize_qk and inner_epochs are set on every TTT layer and change the logits; the parameters are the same."""
-    model, changed = tiny(depth=2), tiny(depth=2, normalize_qk=True, inner_epochs=2)
-    assert [(layer.normalize_qk, layer.inner_epochs) for _, layer in changed.ttt_layers()] == [(True, 2)] * 2
-    changed.load_state_dict(model.state_dict())
-    batch = episodes()
-    with torch.no_grad():
-        assert not torch.allclose(model(batch), changed(batch))
 
 
 def test_prototype_logits_by_hand_and_protonet_uses_them(monkeypatch):
@@ -113,80 +94,19 @@ def test_prototype_logits_by_hand_and_protonet_uses_them(monkeypatch):
     assert torch.equal(logits, -torch.cdist(emb[:, 6:], protos).square())
 
 
-def test_proto_aux_loss_is_added_in_training_from_one_encoder_pass():
-    weight = 0.7
-    model = tiny(proto_aux_weight=weight)
+def test_logit_terms_give_the_served_logits_and_the_encoders_prototype_logits():
+    """logit_terms(prototype=True): the served logits and -||e(query) - c_n||^2 of the same encoder pass (by hand)."""
+    model = tiny().eval()
     batch = with_label_ids(episodes())
     calls = []
     model.model.encoder.register_forward_hook(lambda *args: calls.append(1))
-    loss, acc = model.loss_and_accuracy(batch)
-    assert len(calls) == 1
-    y = batch["query_labels"]
     with torch.no_grad():
-        logits = model(batch)  # training mode, as the step: BatchNorm with the batch's statistics
+        served, prototype = model.logit_terms(batch, prototype=True)
+        assert len(calls) == 1
         support, query = features(model, batch)
         centres = torch.stack([support[:, batch["support_labels"][0] == n].mean(1) for n in range(3)], 1)
-        proto_loss = F.cross_entropy((-(query[:, :, None] - centres[:, None]).square().sum(-1)).flatten(0, 1),
-                                     y.flatten())
-    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), y.flatten()) + weight * proto_loss)
-    assert proto_loss > 0 and torch.equal(acc, episode_accuracy(logits, y))
-    loss.backward()
-    assert model.model.encoder.net[0].weight.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():  # validation and test: the sequence model's loss alone
-        assert torch.equal(model.loss_and_accuracy(batch)[0], EpisodicLearner.loss_and_accuracy(model, batch)[0])
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_prototype_residual_adds_prototype_logits_from_one_encoder_pass(training):
-    """logits = the same weights' sequence logits + -||e(query) - c_n||^2 (by hand), with random label ids, in
-    training and in evaluation, from one encoder pass; the state_dict is the pure model's."""
-    hybrid, pure = tiny(tied_head=True, prototype_residual=True), tiny(tied_head=True)
-    assert list(hybrid.state_dict()) == list(pure.state_dict())
-    pure.load_state_dict(hybrid.state_dict())
-    hybrid.train(training), pure.train(training)
-    batch = with_label_ids(episodes())
-    calls = []
-    hybrid.model.encoder.register_forward_hook(lambda *args: calls.append(1))
-    with torch.no_grad():
-        got = hybrid(batch)
-        assert len(calls) == 1
-        support, query = features(pure, batch)
-        centres = torch.stack([support[:, batch["support_labels"][0] == n].mean(1) for n in range(3)], 1)
-        want = pure(batch) - (query[:, :, None] - centres[:, None]).square().sum(-1)
-    torch.testing.assert_close(got, want)
-
-
-def test_head_aux_loss_trains_the_hybrids_head_apart():
-    """loss = CE(head + prototype) + w * CE(head), the head the same weights' pure model's logits, from one encoder
-    pass; evaluation reports the hybrid's loss alone."""
-    weight = 0.5
-    hybrid, pure = tiny(prototype_residual=True, head_aux_weight=weight), tiny()
-    pure.load_state_dict(hybrid.state_dict())
-    batch = with_label_ids(episodes())
-    calls = []
-    hybrid.model.encoder.register_forward_hook(lambda *args: calls.append(1))
-    loss, acc = hybrid.loss_and_accuracy(batch)
-    assert len(calls) == 1
-    y = batch["query_labels"].flatten()
-    with torch.no_grad():
-        head, logits = pure(batch), hybrid(batch)
-    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), y) +
-                               weight * F.cross_entropy(head.flatten(0, 1), y))
-    assert torch.equal(acc, episode_accuracy(logits, batch["query_labels"]))
-    hybrid.eval()
-    with torch.no_grad():
-        assert torch.equal(hybrid.loss_and_accuracy(batch)[0], EpisodicLearner.loss_and_accuracy(hybrid, batch)[0])
-
-
-def test_proto_aux_loss_is_logged(tmp_path):
-    model = tiny(proto_aux_weight=0.5, warmup_steps=1)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
-    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([episodes(seed=s) for s in range(2)],
-                                                                       batch_size=None))
-    assert torch.isfinite(trainer.callback_metrics["train/proto_aux_loss_step"])
-    assert "train/loss_step" in trainer.callback_metrics
+        torch.testing.assert_close(prototype, -(query[:, :, None] - centres[:, None]).square().sum(-1))
+        assert torch.equal(served, model(batch)) and model.logit_terms(batch)[1] is None
 
 
 @pytest.mark.parametrize("ways", [5, 17])
@@ -238,9 +158,3 @@ def test_bad_options_are_named():
         tiny(label_codes="equiangular", max_ways=18)
     with pytest.raises(UserError, match=r"model.init_args.label_codes to one of \['learned', 'equiangular'\]"):
         tiny(label_codes="orthogonal")
-    with pytest.raises(UserError, match=r"model.init_args.proto_aux_weight"):
-        tiny(proto_aux_weight=-1.0)
-    with pytest.raises(UserError, match=r"model.init_args.head_aux_weight"):
-        tiny(prototype_residual=True, head_aux_weight=-1.0)
-    with pytest.raises(UserError, match=r"model.init_args.prototype_residual=true or head_aux_weight=0"):
-        tiny(head_aux_weight=1.0)

@@ -59,13 +59,9 @@ class TTTReadoutLearner(EpisodicLearner):
     def forward(self, batch: dict) -> Tensor:
         return self.logit_terms(batch)[0]
 
-    def served_logits(self, readout: Tensor, prototype: Tensor | None) -> Tensor:
-        """The logits the learner serves from its two terms (``logit_terms``): the readout's."""
-        return readout
-
     def logit_terms(self, batch: dict, prototype: bool = False) -> tuple[Tensor, Tensor | None]:
         """(the readout's logits [B, NQ, N], with `prototype` ProtoNets' logits of the encoder's features [B, NQ, N]
-        else None), from one encoder pass (as ``SequenceMetaLearner.logit_terms``, for scripts/head_gain.py)."""
+        else None), from one encoder pass (as ``SequenceMetaLearner.logit_terms``)."""
         support, query, labels, ways = (self.images(batch["support"]), self.images(batch["query"]),
                                         batch["support_labels"], batch["ways"])
         B, NK, NQ = support.shape[0], support.shape[1], query.shape[1]

@@ -81,12 +81,10 @@ CORES = ("ttt_linear", "ttt_mlp", "lstm", "attention")
 
 
 def make_core(name: str, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
-              share_qk: bool = True, form: str = "dual", normalize_qk: bool = False, inner_epochs: int = 1,
-              lstm_hidden: int | None = None) -> nn.Module:
+              share_qk: bool = True, form: str = "dual", lstm_hidden: int | None = None) -> nn.Module:
     """Build core `name`; TTT options go to the TTT cores, the LSTM has `lstm_hidden` units (None: sized like a
     TTT-Linear core)."""
-    ttt = dict(mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form,
-               normalize_qk=normalize_qk, inner_epochs=inner_epochs)
+    ttt = dict(mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form)
     if name == "ttt_linear":
         return TTTLinear(width, num_heads, **ttt)
     if name == "ttt_mlp":

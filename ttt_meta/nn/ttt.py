@@ -333,11 +333,8 @@ class TTTLayer(nn.Module):
     """Shared shell of TTT-Linear and TTT-MLP: projections, learned inner lr, inner LN, output norm and theta_O.
 
     forward(x [B, T, width], writers: int or None) -> [B, T, width]: the first `writers` tokens write (None: all),
-    the rest only read; with inner_epochs k the inner model reads the sequence k times, each pass starting from
-    the state the last one left, and the outputs are the last pass's. Under autocast
-    (trainer.precision bf16-mixed) the projections run in bf16 and the inner loop in the parameters' precision.
-    normalize_qk: q and k are L2-normalised per head and scaled to norm sqrt(D) (as DeltaNet's keys): a
-    query then reads the supports by cosine, q . k_j = D cos(q, k_j), so no key outweighs another by its norm.
+    the rest only read. Under autocast (trainer.precision bf16-mixed) the projections run in bf16 and the inner
+    loop in the parameters' precision.
     Learned pieces, by name: ``theta_kv`` (and ``theta_q`` unless share_qk), ``theta_o``, ``eta_gate``
     (eta = eta_base * sigmoid(eta_gate(x)) / D per head), ``ln_weight``/``ln_bias`` (inner LN) and the
     initial state (``W0``, ``b0`` or ``W1``, ``b1``, ``W2``, ``b2``). After a forward, ``last_eta`` holds the
@@ -347,7 +344,7 @@ class TTTLayer(nn.Module):
     """
 
     def __init__(self, width: int, num_heads: int, mini_batch_size: int = 16, eta_base: float = 1.0,
-                 share_qk: bool = True, form: str = "dual", normalize_qk: bool = False, inner_epochs: int = 1):
+                 share_qk: bool = True, form: str = "dual"):
         super().__init__()
         if width % num_heads:
             raise UserError(f"width {width} is not divisible by num_heads {num_heads}. Set model.init_args.width to a "
@@ -359,12 +356,8 @@ class TTTLayer(nn.Module):
             raise UserError(f"eta_base must be >= 0, got {eta_base}. Set model.init_args.eta_base to 0 or more")
         if form not in FORMS:
             raise UserError(f"form must be one of {FORMS}, got {form!r}. Set model.init_args.form to one of them")
-        if inner_epochs < 1:
-            raise UserError(f"inner_epochs must be >= 1, got {inner_epochs}. Set model.init_args.inner_epochs to 1 "
-                            f"or more")
         self.width, self.num_heads, self.head_dim = width, num_heads, width // num_heads
         self.mini_batch_size, self.eta_base, self.share_qk, self.form = mini_batch_size, eta_base, share_qk, form
-        self.normalize_qk, self.inner_epochs = normalize_qk, inner_epochs
         self.theta_kv = nn.Linear(width, 2 * width, bias=False)
         self.theta_q = None if share_qk else nn.Linear(width, width, bias=False)
         self.eta_gate = nn.Linear(width, num_heads)
@@ -387,11 +380,7 @@ class TTTLayer(nn.Module):
         eta = self.eta_base / self.head_dim * torch.sigmoid(self.eta_gate(x)).transpose(1, 2)
         if writers is not None:
             eta = eta * (torch.arange(x.shape[1], device=x.device) < writers).to(eta.dtype)
-        q, k = self._heads(q), self._heads(k)
-        if self.normalize_qk:
-            k = F.normalize(k, dim=-1) * self.head_dim**0.5
-            q = k if self.theta_q is None else F.normalize(q, dim=-1) * self.head_dim**0.5
-        return q, k, self._heads(v), eta
+        return self._heads(q), self._heads(k), self._heads(v), eta
 
     def initial_state(self) -> tuple[Tensor, ...]:
         raise NotImplementedError
@@ -413,10 +402,9 @@ class TTTLayer(nn.Module):
         dtype = self.ln_weight.dtype
         q, k, v, eta = (t.to(dtype) for t in self.views(x, writers))  # float32 from an autocast region
         self.last_eta = eta.detach()  # [B, H, T], for logging
-        state = start = self.initial_state()
+        start = self.initial_state()
         with torch.autocast(x.device.type, enabled=False):  # the inner loop and its state stay in full precision
-            for _ in range(self.inner_epochs):
-                z, state = self.inner(q, k, v, eta, state, writers)
+            z, state = self.inner(q, k, v, eta, start, writers)
         if self.record:
             detach = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
             self.last_record = {"k": k.detach(), "v": v.detach(), "eta": self.last_eta, "start": detach(start),
