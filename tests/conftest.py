@@ -38,3 +38,16 @@ def run_cli(folder: Path, *commands: list[str]) -> Path:
     finally:
         os.chdir(cwd)
     return folder
+
+
+def nan_loss_at_step(monkeypatch, step: int) -> None:
+    """Make SequenceMetaLearner's training loss NaN at global step `step` (and only there)."""
+    from ttt_meta.learners import SequenceMetaLearner
+
+    real = SequenceMetaLearner.loss_and_accuracy
+
+    def loss_and_accuracy(self, batch):
+        loss, acc = real(self, batch)
+        return (loss * float("nan") if self.training and self.global_step == step else loss), acc
+
+    monkeypatch.setattr(SequenceMetaLearner, "loss_and_accuracy", loss_and_accuracy)

@@ -16,12 +16,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import DATA, QUICK, TINY
+from conftest import DATA, QUICK, TINY, nan_loss_at_step
 
 import torchmetrics
 import ttt_meta
 from ttt_meta.cli import main
-from ttt_meta.learners import SequenceMetaLearner
 from ttt_meta.measure import confidence_interval, random_episodes
 from ttt_meta.nn import ttt
 from ttt_meta.nn.ttt import TTTMLP, TTTLinear
@@ -157,13 +156,7 @@ def test_divergence_is_found_at_the_next_log_step(tmp_path, monkeypatch):
     checkpoint is written (last.ckpt every 7 steps, no validation until epoch 10). tests/test_reliability.py has the
     other reading point: a checkpoint write after the bad step."""
     monkeypatch.chdir(tmp_path)
-    real = SequenceMetaLearner.loss_and_accuracy
-
-    def nan_at_3(self, batch):
-        loss, acc = real(self, batch)
-        return (loss * float("nan") if self.training and self.global_step == 3 else loss), acc
-
-    monkeypatch.setattr(SequenceMetaLearner, "loss_and_accuracy", nan_at_3)
+    nan_loss_at_step(monkeypatch, 3)
     with pytest.raises(FloatingPointError, match="not finite at step 3"):
         main(["fit", "--config", QUICK, *TINY, "--trainer.max_steps=10", "--last_checkpoint.every_n_steps=7",
               "--trainer.log_every_n_steps=5", "--trainer.check_val_every_n_epoch=10"])

@@ -10,10 +10,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import DATA, QUICK, TINY, run_cli
+from conftest import DATA, QUICK, TINY, nan_loss_at_step, run_cli
 
 from ttt_meta.cli import main
-from ttt_meta.learners import SequenceMetaLearner
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -177,13 +176,7 @@ def test_bad_checkpoints(tmp_path, monkeypatch, trained):
 
 def test_nan_loss_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    real_step = SequenceMetaLearner.loss_and_accuracy
-
-    def step(self, batch):
-        loss, acc = real_step(self, batch)
-        return (loss * float("nan") if self.training and self.global_step == 3 else loss), acc
-
-    monkeypatch.setattr(SequenceMetaLearner, "loss_and_accuracy", step)
+    nan_loss_at_step(monkeypatch, 3)
     with pytest.raises(FloatingPointError, match="at step 3"):
         main(["fit", "--config", QUICK, *TINY, "--trainer.max_steps=10", "--last_checkpoint.every_n_steps=2"])
     last = torch.load(tmp_path / "checkpoints" / "quickstart" / "version_0" / "last.ckpt", weights_only=False)
