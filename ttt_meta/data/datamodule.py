@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from ..errors import UserError
 from .augment import augment
 from .episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
-from .registry import DATASETS
+from .registry import DATASETS, image_size_or_native
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -126,9 +126,8 @@ class EpisodeDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise UserError(f"unknown data.dataset {dataset!r}. Set it to one of {tuple(DATASETS)}")
-        entry = DATASETS[dataset]
-        image_size = entry.image_size if image_size is None else image_size
-        rotations = entry.rotations if rotations is None else rotations
+        image_size = image_size_or_native(dataset, image_size)
+        rotations = DATASETS[dataset].rotations if rotations is None else rotations
         for name, value in [("meta_batch_size", meta_batch_size), ("train_batches_per_epoch", train_batches_per_epoch),
                             ("val_episodes", val_episodes), ("test_episodes", test_episodes),
                             ("eval_batch_size", eval_batch_size), ("image_size", image_size)]:

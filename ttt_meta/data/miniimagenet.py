@@ -20,7 +20,6 @@ from ..errors import MissingInput, UserError
 from ..quiet import learn2learn
 from . import images
 from .episodes import SPLITS, ClassImages
-from .registry import image_size_or_native
 
 PICKLES = {"train": "mini-imagenet-cache-train.pkl", "val": "mini-imagenet-cache-validation.pkl",
            "test": "mini-imagenet-cache-test.pkl"}
@@ -31,17 +30,16 @@ _LAYOUTS = ("learn2learn's pickles mini-imagenet-cache-{train,validation,test}.p
             "under data/miniImagenet, the images are ImageNet's)")
 
 
-def load_miniimagenet(root: str | os.PathLike, download: bool = False, cache_dir: str | os.PathLike | None = None,
-                      image_size: int | None = None) -> dict[str, ClassImages]:
+def load_miniimagenet(root: str | os.PathLike, download: bool = False, cache_dir: str | os.PathLike | None = None, *,
+                      image_size: int) -> dict[str, ClassImages]:
     """miniImageNet splits {"train", "val", "test"}: images uint8 [C, 600, 3, image_size, image_size].
 
     The data is read from ``root/miniimagenet`` (or from ``root`` itself when it holds one of the layouts).
     Classes are sorted by name; a class's images keep their order in the pickle or CSV. Images other than
-    84x84 (the native size, the default) are produced from the pickles by antialiased bilinear resizing, from
+    84x84 (the native size) are produced from the pickles by antialiased bilinear resizing, from
     the JPEGs by LANCZOS.
     ``download`` fetches the pickles into ``root/miniimagenet`` with learn2learn when no layout is found.
     """
-    image_size = image_size_or_native("miniimagenet", image_size)
     folder = _find(Path(root), download)
     if not any((folder / name).exists() for name in PICKLES.values()):
         return _read_folder(folder, image_size, cache_dir)  # checks the splits are disjoint before decoding

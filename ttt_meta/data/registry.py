@@ -3,8 +3,9 @@
 A loader is called as ``load(root, download, cache_dir, image_size)``: `root` is the resolved data root (the
 folder that holds a folder per data set), `download` allows fetching the data into it, `cache_dir` is where
 decoded images are cached (None: $TTT_META_CACHE, else ~/.cache/ttt_meta), `image_size` the square side
-of the images. It returns {"train" | "val" | "test": ClassImages} (``episodes.SPLITS``). Loaders import their
-modules only when called, so naming a data set costs nothing.
+of the images (an int: the data module resolves it with ``image_size_or_native``). It returns {"train" | "val" | "test":
+ClassImages} (``episodes.SPLITS``). Loaders import their modules only when called, so naming a data set costs
+nothing; the loader modules never import this one.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class DatasetEntry:
 
 def _omniglot(root: Path, download: bool, cache_dir, image_size: int) -> dict[str, ClassImages]:
     from .omniglot import load_omniglot
-    return load_omniglot(root / "omniglot", download, cache_dir, image_size)
+    return load_omniglot(root / "omniglot", download, cache_dir, image_size=image_size)
 
 
 def _synthetic(root: Path, download: bool, cache_dir, image_size: int) -> dict[str, ClassImages]:
@@ -40,12 +41,12 @@ def _synthetic(root: Path, download: bool, cache_dir, image_size: int) -> dict[s
 
 def _miniimagenet(root: Path, download: bool, cache_dir, image_size: int) -> dict[str, ClassImages]:
     from .miniimagenet import load_miniimagenet
-    return load_miniimagenet(root, download, cache_dir, image_size)
+    return load_miniimagenet(root, download, cache_dir, image_size=image_size)
 
 
 def _cifarfs(root: Path, download: bool, cache_dir, image_size: int) -> dict[str, ClassImages]:
     from .cifarfs import load_cifarfs
-    return load_cifarfs(root, download, cache_dir, image_size)
+    return load_cifarfs(root, download, cache_dir, image_size=image_size)
 
 
 DATASETS: dict[str, DatasetEntry] = {
