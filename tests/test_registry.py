@@ -15,13 +15,15 @@ from ttt_meta.data.registry import DATASETS, DatasetEntry
 
 def test_shipped_data_sets_and_their_defaults():
     assert {name: (entry.image_size, entry.rotations) for name, entry in DATASETS.items()} == {
-        "omniglot": (28, True), "synthetic": (28, True), "miniimagenet": (84, False), "cifarfs": (32, False)}
+        "omniglot": (28, True), "synthetic": (28, True), "miniimagenet": (84, False), "cifarfs": (32, False),
+        "folder": (84, False)}
     with pytest.raises(dataclasses.FrozenInstanceError):
         DATASETS["omniglot"].image_size = 32
 
 
 def test_unknown_data_set_names_the_registered_ones():
-    message = "unknown data.dataset 'cifar'. Set it to one of ('omniglot', 'synthetic', 'miniimagenet', 'cifarfs')"
+    message = ("unknown data.dataset 'cifar'. Set it to one of ('omniglot', 'synthetic', 'miniimagenet', 'cifarfs', "
+               "'folder')")
     with pytest.raises(ValueError) as error:
         EpisodeDataModule(dataset="cifar")
     assert str(error.value) == message
@@ -31,8 +33,8 @@ def test_a_data_set_is_added_in_the_registry_alone(tmp_path, monkeypatch):
     """An entry in DATASETS is all the data module needs: its defaults, and its loader with the resolved root."""
     calls = []
 
-    def load(root, download, cache_dir, image_size):
-        calls.append((root, download, cache_dir, image_size))
+    def load(root, download, cache_dir, image_size, check):
+        calls.append((root, download, cache_dir, image_size, check))
         x = torch.zeros(6, 4, 1, image_size, image_size, dtype=torch.uint8)
         x[:, :, 0, 0, 0] = torch.arange(6).view(6, 1)
         return {split: ClassImages(x, [f"{split}{c}" for c in range(6)]) for split in SPLITS}
@@ -43,7 +45,7 @@ def test_a_data_set_is_added_in_the_registry_alone(tmp_path, monkeypatch):
                            train_batches_per_epoch=1, val_episodes=2, test_episodes=2, eval_batch_size=2)
     assert dm.hparams.image_size == 10 and dm.hparams.rotations is False
     dm.setup("fit")
-    assert calls == [(Path(tmp_path), False, "somewhere", 10)]
+    assert calls == [(Path(tmp_path), False, "somewhere", 10, dm.check_split)]
     assert dm.image_shape == (1, 10, 10)
     assert next(iter(dm.train_dataloader()))["support"].shape == (2, 3, 1, 10, 10)
     assert EpisodeDataModule(dataset="tiny", rotations=True, image_size=12).hparams.image_size == 12

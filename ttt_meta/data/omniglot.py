@@ -8,7 +8,7 @@ import torchvision
 
 from ..errors import MissingInput, UserError
 from . import images
-from .episodes import SPLITS, ClassImages
+from .episodes import SPLITS, ClassImages, SplitCheck
 
 IMAGES_PER_CHARACTER = 20
 SPLIT_FILE = Path(__file__).with_name("omniglot_split.json")
@@ -30,6 +30,7 @@ def load_omniglot(
     *,
     image_size: int,
     split: dict | None = None,
+    check: SplitCheck | None = None,
 ) -> dict[str, ClassImages]:
     """Omniglot splits {"train", "val", "test"}: images uint8 [C, 20, 1, image_size, image_size], strokes 255.
 
@@ -39,7 +40,8 @@ def load_omniglot(
     to mode "L", resized with LANCZOS (like learn2learn; Pillow would use nearest for the mode "1" file), and
     inverted so that strokes are bright (28x28 natively: ``registry.DATASETS``).
     Decoded images are cached in `cache_dir` (default $TTT_META_CACHE, else ~/.cache/ttt_meta); nothing is ever
-    written into `root` unless `download` fetches the data there.
+    written into `root` unless `download` fetches the data there. `check` is called on each split before decoding
+    (``images.load_class_files``).
     """
     if split is None:
         split = json.loads(SPLIT_FILE.read_text())
@@ -53,7 +55,8 @@ def load_omniglot(
             f"{_REPAIR}"
         )
     files = {key: {name: characters[name] for name in split[key]} for key in SPLITS}
-    return images.load_class_files(files, image_size, "L", cache_dir, "Omniglot", _REPAIR, invert=True)
+    return images.load_class_files(files, image_size, "L", cache_dir, "Omniglot", _REPAIR, invert=True,
+                                   check=check)
 
 
 def _list_characters(root: str | os.PathLike, download: bool) -> dict[str, list[str]]:
