@@ -15,7 +15,7 @@ def cache(tmp_path):
 
 @pytest.mark.parametrize("processed", [True, False], ids=["processed", "extracted"])
 def test_cifarfs_loads(tmp_path, cache, processed):
-    data = load_cifarfs(write_cifarfs(tmp_path, processed), cache_dir=cache)
+    data = load_cifarfs(write_cifarfs(tmp_path, processed), cache_dir=cache, image_size=32)
     for split, names in CLASSES.items():
         x = data[split].images
         assert data[split].names == [f"class_{n}" for n in sorted(names)]
@@ -27,7 +27,7 @@ def test_cifarfs_loads(tmp_path, cache, processed):
 
 def test_cifarfs_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"CIFAR-FS not found.*processed/\{train,val,test\}.*data\.download"):
-        load_cifarfs(tmp_path)
+        load_cifarfs(tmp_path, image_size=32)
 
 
 def test_cifarfs_missing_class_folder(tmp_path, cache):
@@ -35,4 +35,4 @@ def test_cifarfs_missing_class_folder(tmp_path, cache):
     split_file = tmp_path / "cifarfs/cifar100/splits/bertinetto/val.txt"
     split_file.write_text(split_file.read_text() + "class_n09999\n")
     with pytest.raises(FileNotFoundError, match="val split .* incomplete .*class_n09999"):
-        load_cifarfs(tmp_path, cache_dir=cache)
+        load_cifarfs(tmp_path, cache_dir=cache, image_size=32)

@@ -53,15 +53,31 @@ def test_rotations_are_new_classes():
         assert where == [(0, 0), (5, 0), (5, 5), (0, 5)][r]
 
 
+def test_classes_of_different_sizes_draw_only_their_own_images():
+    """With counts, class c's samples come from its first counts[c]; counts of all S draw what no counts draws."""
+    counts = torch.tensor([3, 10, 4, 5] * 3)
+    spec = EpisodeSpec(ways=12, shots=1, queries=2)
+    idx = sample_episodes(50, spec, 12, 10, torch.Generator().manual_seed(0), rotations=True, counts=counts)
+    assert (idx.samples < counts[idx.classes % 12].unsqueeze(-1)).all()
+    assert (idx.classes >= 12).any()  # rotated copies keep their class's count
+    draw = lambda counts: sample_episodes(8, spec, 12, 10, torch.Generator().manual_seed(1), counts=counts)  # noqa: E731
+    a, b = draw(None), draw(torch.full((12,), 10))
+    assert torch.equal(a.classes, b.classes) and torch.equal(a.samples, b.samples)
+
+
 def test_spec_errors():
+    names = [f"c{i}" for i in range(10)]
     with pytest.raises(ValueError, match="ways >= 2"):
-        EpisodeSpec(1, 1, 1).check(10, 20, "train")
+        EpisodeSpec(1, 1, 1).check(names, [20] * 10, "train")
     with pytest.raises(ValueError, match="Lower data.eval_ways"):
-        EpisodeSpec(30, 1, 1).check(10, 20, "val")
+        EpisodeSpec(30, 1, 1).check(names, [20] * 10, "val")
     with pytest.raises(ValueError, match="Lower data.ways"):
-        EpisodeSpec(30, 1, 1).check(10, 20, "train")
-    with pytest.raises(ValueError, match="samples per class"):
-        EpisodeSpec(5, 10, 15).check(100, 20, "test")
+        EpisodeSpec(30, 1, 1).check(names, [20] * 10, "train")
+    with pytest.raises(ValueError, match="25 exceeds the 20 samples per class of the test split"):
+        EpisodeSpec(5, 10, 15).check(names, [20] * 10, "test")
+    with pytest.raises(ValueError, match="6 exceeds the 5 images of c3, the smallest class of the train split.*add "
+                                         "images to that class"):
+        EpisodeSpec(5, 1, 5).check(names, [9, 9, 7, 5, 6, 9, 9, 9, 9, 5], "train")
 
 
 def test_fixed_episodes_are_fixed_and_streams_differ():

@@ -76,7 +76,7 @@ def test_report_reads_runs(run, tmp_path):
 def test_maml_support_loss_drops():
     torch.manual_seed(0)
     model = MAMLLearner(ways=3, encoder_channels=4, train_steps=2).train()
-    glyphs = make_glyphs(3, 4).images  # [3, 4, 1, 28, 28]
+    glyphs = make_glyphs(3, 4, image_size=28).images  # [3, 4, 1, 28, 28]
     batch = {"support": glyphs[:, :2].reshape(1, 6, 1, 28, 28), "support_labels": torch.arange(3).repeat_interleave(2)[None],
              "query": glyphs[:, 2:].reshape(1, 6, 1, 28, 28), "ways": 3}
     model.record_inner_loop(True)
@@ -88,7 +88,7 @@ def test_maml_support_loss_drops():
 
 
 def _write_folders(root: Path, classes: int, per_class: int, invert: bool) -> None:
-    glyphs = make_glyphs(classes, per_class, seed=7).images[:, :, 0]
+    glyphs = make_glyphs(classes, per_class, image_size=28, seed=7).images[:, :, 0]
     for c in range(classes):
         for split, ids in (("support", range(2)), ("query", range(2, per_class))):
             folder = root / split / f"class_{c}"

@@ -28,7 +28,7 @@ def make(name: str):
 
 
 def episodes(spec, batch, seed=0, classes=30):
-    return iter(TrainEpisodes(make_glyphs(classes, seed=3), spec, batch, 10**6, False, seed=seed))
+    return iter(TrainEpisodes(make_glyphs(classes, image_size=28, seed=3), spec, batch, 10**6, False, seed=seed))
 
 
 def train(model, batches, steps, lr=3e-3):
@@ -59,7 +59,8 @@ def test_ttt_meta_learns_unseen_classes():
     torch.manual_seed(0)
     model = make("ttt_linear")
     train(model, episodes(EpisodeSpec(2, 1, 4), 8), 400)
-    unseen = next(iter(TrainEpisodes(make_glyphs(30, seed=9), EpisodeSpec(2, 1, 4), 64, 1, False, seed=1)))
+    unseen = next(iter(TrainEpisodes(make_glyphs(30, image_size=28, seed=9), EpisodeSpec(2, 1, 4), 64, 1, False,
+                                     seed=1)))
     model.eval()
     with torch.inference_mode():
         loss, acc = model.loss_and_accuracy(unseen)
@@ -120,7 +121,7 @@ def test_label_ids_name_the_rows_of_embedding_and_head(tied):
     """label_ids = a permutation p gives the logits of the default ids on a model whose rows are permuted by p;
     the stream with label_space draws distinct ids in range, the same for the same seed."""
     spec = EpisodeSpec(5, 1, 2)
-    stream = TrainEpisodes(make_glyphs(30, seed=3), spec, 4, 10, False, seed=0, label_space=12)
+    stream = TrainEpisodes(make_glyphs(30, image_size=28, seed=3), spec, 4, 10, False, seed=0, label_space=12)
     batch, again = next(iter(stream)), next(iter(stream))
     ids = batch["label_ids"]
     assert ids.shape == (4, 5) and ids.min() >= 0 and ids.max() < 12

@@ -25,7 +25,7 @@ def cache(tmp_path):
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_pickles_load(tmp_path, cache, protocol):
     write_pickles(tmp_path / "miniimagenet", protocol=protocol)
-    data = load_miniimagenet(tmp_path, cache_dir=cache)
+    data = load_miniimagenet(tmp_path, cache_dir=cache, image_size=84)
     for split, names in CLASSES.items():
         x = data[split].images
         assert data[split].names == sorted(names)
@@ -50,7 +50,7 @@ def test_truncated_pickle(tmp_path):
     path = folder / "mini-imagenet-cache-validation.pkl"
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ValueError, match="mini-imagenet-cache-validation.pkl .*truncated or damaged"):
-        load_miniimagenet(tmp_path)
+        load_miniimagenet(tmp_path, image_size=84)
 
 
 def test_pickle_that_would_run_code_is_refused(tmp_path):
@@ -62,35 +62,35 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
 
     (folder / "mini-imagenet-cache-test.pkl").write_bytes(pickle.dumps({"image_data": Exploit()}))
     with pytest.raises(ValueError, match="builtins.print"):
-        load_miniimagenet(tmp_path)
+        load_miniimagenet(tmp_path, image_size=84)
 
 
 def test_pickle_with_wrong_contents(tmp_path):
     folder = write_pickles(tmp_path / "miniimagenet")
     (folder / "mini-imagenet-cache-train.pkl").write_bytes(pickle.dumps({"images": [1, 2]}))
     with pytest.raises(ValueError, match="not a miniImageNet pickle.*image_data"):
-        load_miniimagenet(tmp_path)
+        load_miniimagenet(tmp_path, image_size=84)
 
 
 def test_missing_pickle(tmp_path):
     folder = write_pickles(tmp_path / "miniimagenet")
     (folder / "mini-imagenet-cache-test.pkl").unlink()
     with pytest.raises(FileNotFoundError, match="mini-imagenet-cache-test.pkl is missing"):
-        load_miniimagenet(tmp_path)
+        load_miniimagenet(tmp_path, image_size=84)
 
 
 @pytest.mark.parametrize("write", [write_pickles, write_folder], ids=["pickles", "folder"])
 def test_class_in_two_splits(tmp_path, cache, write):
     write(tmp_path / "miniimagenet", classes={**CLASSES, "test": [*CLASSES["test"][:4], "n01000"]})
     with pytest.raises(ValueError, match="n01000 is in both the train and the test split"):
-        load_miniimagenet(tmp_path, cache_dir=cache)
+        load_miniimagenet(tmp_path, cache_dir=cache, image_size=84)
     assert not cache.exists()  # refused before anything was decoded
 
 
 def test_no_data_names_both_layouts(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"miniImageNet not found.*mini-imagenet-cache.*data\.download: true"
                                                 r".*images/.*train\.csv, val\.csv and test\.csv"):
-        load_miniimagenet(tmp_path / "nowhere")
+        load_miniimagenet(tmp_path / "nowhere", image_size=84)
 
 
 def test_download_goes_through_learn2learn(tmp_path, monkeypatch):
@@ -105,7 +105,7 @@ def test_download_goes_through_learn2learn(tmp_path, monkeypatch):
     fake = types.ModuleType("learn2learn.vision.datasets")
     fake.MiniImagenet = FakeMiniImagenet
     monkeypatch.setitem(sys.modules, "learn2learn.vision.datasets", fake)
-    data = load_miniimagenet(tmp_path, download=True)
+    data = load_miniimagenet(tmp_path, download=True, image_size=84)
     assert calls == [("train", True), ("validation", True), ("test", True)]
     assert data["test"].images.shape == (5, PER_CLASS, 3, 84, 84)
 
@@ -117,7 +117,7 @@ def test_folder_loads_resized_and_cached(tmp_path, cache, monkeypatch):
     root = tmp_path / "data"
     write_folder(root / "miniimagenet")
     before = listing(root)
-    data = load_miniimagenet(root, cache_dir=cache)
+    data = load_miniimagenet(root, cache_dir=cache, image_size=84)
     assert listing(root) == before  # nothing written beside the data
     for split, names in CLASSES.items():
         x = data[split].images
@@ -133,13 +133,13 @@ def test_folder_loads_resized_and_cached(tmp_path, cache, monkeypatch):
         raise AssertionError("decoded again despite the cache")
 
     monkeypatch.setattr(images, "decode_all", fail)
-    again = load_miniimagenet(root, cache_dir=cache)
+    again = load_miniimagenet(root, cache_dir=cache, image_size=84)
     assert all(torch.equal(data[k].images, again[k].images) for k in CLASSES)
 
 
 def test_folder_and_pickles_give_the_same_classes(tmp_path, cache):
-    pickled = load_miniimagenet(write_pickles(tmp_path / "a"), cache_dir=cache)
-    folder = load_miniimagenet(write_folder(tmp_path / "b"), cache_dir=cache)
+    pickled = load_miniimagenet(write_pickles(tmp_path / "a"), cache_dir=cache, image_size=84)
+    folder = load_miniimagenet(write_folder(tmp_path / "b"), cache_dir=cache, image_size=84)
     for split in CLASSES:
         assert pickled[split].names == folder[split].names
         gap = (pickled[split].images.float() - folder[split].images.float()).abs().mean()
@@ -150,7 +150,7 @@ def test_csv_naming_a_missing_image(tmp_path, cache):
     folder = write_folder(tmp_path / "miniimagenet")
     (folder / "images" / "n0200000000003.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="1 of the 96 images .* missing, e.g. .*n0200000000003.jpg"):
-        load_miniimagenet(tmp_path, cache_dir=cache)
+        load_miniimagenet(tmp_path, cache_dir=cache, image_size=84)
 
 
 def test_damaged_jpeg(tmp_path, cache):
@@ -158,18 +158,18 @@ def test_damaged_jpeg(tmp_path, cache):
     jpeg = folder / "images" / "n0300100000002.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:100])
     with pytest.raises(ValueError, match="n0300100000002.jpg.*damaged"):
-        load_miniimagenet(tmp_path, cache_dir=cache)
+        load_miniimagenet(tmp_path, cache_dir=cache, image_size=84)
 
 
 def test_csv_without_header(tmp_path, cache):
     folder = write_folder(tmp_path / "miniimagenet")
     (folder / "val.csv").write_text("n0200000000001.jpg,n02000\n")
     with pytest.raises(ValueError, match="val.csv must start with the header 'filename,label'"):
-        load_miniimagenet(tmp_path, cache_dir=cache)
+        load_miniimagenet(tmp_path, cache_dir=cache, image_size=84)
 
 
 def test_csv_missing(tmp_path, cache):
     folder = write_folder(tmp_path / "miniimagenet")
     (folder / "test.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks \['test.csv'\]"):
-        load_miniimagenet(tmp_path, cache_dir=cache)
+        load_miniimagenet(tmp_path, cache_dir=cache, image_size=84)

@@ -21,7 +21,7 @@ def cache(tmp_path):
 
 
 def test_extracted_folders_load(root, cache):
-    data = load_omniglot(root, cache_dir=cache, split=SPLIT)
+    data = load_omniglot(root, cache_dir=cache, split=SPLIT, image_size=28)
     for split, names in SPLIT.items():
         assert data[split].names == names
         assert data[split].images.shape == (len(names), 20, 1, 28, 28)
@@ -32,7 +32,7 @@ def test_extracted_folders_load(root, cache):
 
 
 def test_cache_written_and_reused(root, cache, monkeypatch):
-    first = load_omniglot(root, cache_dir=cache, split=SPLIT)
+    first = load_omniglot(root, cache_dir=cache, split=SPLIT, image_size=28)
     (file,) = cache.iterdir()
     assert file.suffix == ".pt"
 
@@ -40,7 +40,7 @@ def test_cache_written_and_reused(root, cache, monkeypatch):
         raise AssertionError("decoded again despite the cache")
 
     monkeypatch.setattr(images, "decode_all", fail)
-    second = load_omniglot(root, cache_dir=cache, split=SPLIT)
+    second = load_omniglot(root, cache_dir=cache, split=SPLIT, image_size=28)
     assert all(torch.equal(first[k].images, second[k].images) for k in SPLIT)
 
 
@@ -50,7 +50,7 @@ def test_nothing_written_into_root(root, cache):
     for p in paths:
         p.chmod(0o555 if p.is_dir() else 0o444)
     try:
-        load_omniglot(root, cache_dir=cache, split=SPLIT)
+        load_omniglot(root, cache_dir=cache, split=SPLIT, image_size=28)
     finally:
         for p in paths:
             p.chmod(0o755 if p.is_dir() else 0o644)
@@ -59,47 +59,47 @@ def test_nothing_written_into_root(root, cache):
 
 @pytest.mark.parametrize("bad", ["unreadable", "mismatching"])
 def test_bad_cache_is_rebuilt(root, cache, bad):
-    expected = load_omniglot(root, cache_dir=cache, split=SPLIT)
+    expected = load_omniglot(root, cache_dir=cache, split=SPLIT, image_size=28)
     (file,) = cache.iterdir()
     if bad == "unreadable":
         file.write_bytes(b"not a torch file")
     else:
         torch.save({"fingerprint": "other", "names": [], "images": torch.zeros(1, dtype=torch.uint8)}, file)
     with pytest.warns(UserWarning, match="rebuilding"):
-        rebuilt = load_omniglot(root, cache_dir=cache, split=SPLIT)
+        rebuilt = load_omniglot(root, cache_dir=cache, split=SPLIT, image_size=28)
     assert all(torch.equal(expected[k].images, rebuilt[k].images) for k in SPLIT)
     assert torch.load(file, weights_only=True)["names"] == [f"{s}/{n}" for s, names in SPLIT.items() for n in names]
 
 
 def test_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"omniglot-py/images_background.*data\.download: true"):
-        load_omniglot(tmp_path / "nowhere", split=SPLIT)
+        load_omniglot(tmp_path / "nowhere", split=SPLIT, image_size=28)
 
 
 def test_character_with_too_few_images(root, cache):
     next((root / "omniglot-py/images_evaluation/Gamma/character02").iterdir()).unlink()
     with pytest.raises(ValueError, match="Gamma/character02 has 19"):
-        load_omniglot(root, cache_dir=cache, split=SPLIT)
+        load_omniglot(root, cache_dir=cache, split=SPLIT, image_size=28)
 
 
 def test_character_missing_from_data(root, cache):
     split = {**SPLIT, "test": ["Gamma/character01", "Gamma/character03"]}
     with pytest.raises(FileNotFoundError, match="found 5 of 6 .* incomplete"):
-        load_omniglot(root, cache_dir=cache, split=split)
+        load_omniglot(root, cache_dir=cache, split=split, image_size=28)
 
 
 def test_truncated_png(root, cache):
     png = root / "omniglot-py/images_background/Beta/character01/0003_07.png"
     png.write_bytes(png.read_bytes()[:60])
     with pytest.raises(ValueError, match="0003_07.png"):
-        load_omniglot(root, cache_dir=cache, split=SPLIT)
+        load_omniglot(root, cache_dir=cache, split=SPLIT, image_size=28)
 
 
 # Real Omniglot ---------------------------------------------------------------------------------------------
 
 
 def test_real_omniglot(omniglot_root):
-    data = load_omniglot(omniglot_root / "omniglot")  # default cache dir: decoded once per machine
+    data = load_omniglot(omniglot_root / "omniglot", image_size=28)  # default cache dir: decoded once per machine
     shipped = json.loads(omniglot.SPLIT_FILE.read_text())
     for split, n in (("train", 1100), ("val", 100), ("test", 423)):
         assert data[split].images.shape == (n, 20, 1, 28, 28) and data[split].images.dtype == torch.uint8

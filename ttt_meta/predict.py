@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .checkpointing import read_checkpoint
+from .data.images import decode, image_files
 from .errors import MissingInput, UserError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
@@ -40,26 +38,12 @@ def load_model(path: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
-def image_files(folder: Path, what: str) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"{what} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). Add "
-                        f"images to it or remove it")
-    return files
-
-
 def read_image(path: Path, channels: int, size: int) -> torch.Tensor:
-    """uint8 [channels, size, size] as the model saw its training images."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.LANCZOS)
-    except Exception as error:  # PIL raises several types for unreadable files
-        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); remove it or save it as "
-                         f"PNG or JPEG") from None
-    array = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+    """uint8 [channels, size, size] as the model saw its training images (``data.images.decode``)."""
+    array = decode(path, size, "L" if channels == 1 else "RGB", "remove it or save it as PNG or JPEG")
     if channels == 1 and array.mean() > 127:  # dark strokes on a light ground: invert, as Omniglot was
         array = 255 - array
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def episode(model, support: Path, query: Path) -> tuple[dict, list[str], list[Path], list]:

@@ -14,20 +14,20 @@ from pathlib import Path
 from ..errors import MissingInput, UserError
 from ..quiet import learn2learn
 from . import images
-from .episodes import SPLITS, ClassImages
-from .registry import image_size_or_native
+from .episodes import SPLITS, ClassImages, SplitCheck
 
 _LAYOUT = ("learn2learn's CIFAR-FS layout: cifarfs/processed/{train,val,test}/<class>/*.png, or the extracted "
            "cifar100.zip as cifarfs/cifar100/data/<class>/*.png with cifar100/splits/bertinetto/{train,val,test}.txt")
 _REPAIR = "delete the cifarfs folder and load again with data.download: true"
 
 
-def load_cifarfs(root: str | os.PathLike, download: bool = False, cache_dir: str | os.PathLike | None = None,
-                 image_size: int | None = None) -> dict[str, ClassImages]:
+def load_cifarfs(root: str | os.PathLike, download: bool = False, cache_dir: str | os.PathLike | None = None, *,
+                 image_size: int, check: SplitCheck | None = None) -> dict[str, ClassImages]:
     """CIFAR-FS splits {"train", "val", "test"}: images uint8 [C, 600, 3, image_size, image_size].
 
     ``root`` holds ``cifarfs/``; ``download`` fetches it there with learn2learn when it is absent. Classes are
-    sorted by name, images by file name. `image_size` defaults to the native 32.
+    sorted by name, images by file name (32x32 natively: ``registry.DATASETS``). `check` is called on each split
+    before decoding (``images.load_class_files``).
     """
     folder = Path(root) / "cifarfs"
     processed, raw = folder / "processed", folder / "cifar100"
@@ -49,8 +49,7 @@ def load_cifarfs(root: str | os.PathLike, download: bool = False, cache_dir: str
                                     f"({'missing ' + str(missing[0]) if missing else 'no classes'}): {_REPAIR}")
     files = {split: {d.name: sorted(str(p) for p in d.glob("*.png")) for d in sorted(dirs)}
              for split, dirs in class_dirs.items()}
-    return images.load_class_files(files, image_size_or_native("cifarfs", image_size), "RGB", cache_dir,
-                                   "CIFAR-FS", _REPAIR)
+    return images.load_class_files(files, image_size, "RGB", cache_dir, "CIFAR-FS", _REPAIR, check=check)
 
 
 def _split_file(path: Path) -> list[str]:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from ..errors import UserError
 from .augment import augment
 from .episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
-from .registry import DATASETS
+from .registry import DATASETS, image_size_or_native
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -48,7 +48,7 @@ class TrainEpisodes(IterableDataset):
             gen = torch.Generator().manual_seed(hash((self.seed, i)) % 2**63)
             spec = self.specs[int(torch.randint(len(self.specs), (), generator=gen))] if len(self.specs) > 1 \
                 else self.specs[0]
-            idx = sample_episodes(self.meta_batch_size, spec, C, S, gen, self.rotations)
+            idx = sample_episodes(self.meta_batch_size, spec, C, S, gen, self.rotations, self.data.counts)
             batch = materialize(self.data.images, idx, spec.shots)
             if self.augment:
                 batch["support"], batch["query"] = augment(batch["support"], gen), augment(batch["query"], gen)
@@ -63,7 +63,7 @@ class FixedEpisodes(Dataset):
     def __init__(self, data: ClassImages, spec: EpisodeSpec, episodes: int, seed: int):
         C, S = data.images.shape[:2]
         self.data, self.spec = data, spec
-        self.index = sample_episodes(episodes, spec, C, S, torch.Generator().manual_seed(seed))
+        self.index = sample_episodes(episodes, spec, C, S, torch.Generator().manual_seed(seed), counts=data.counts)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -80,14 +80,15 @@ def _identity(batch):
 
 
 class EpisodeDataModule(L.LightningDataModule):
-    """Few-shot episodes from Omniglot, miniImageNet, CIFAR-FS or the synthetic glyph set.
+    """Few-shot episodes from Omniglot, miniImageNet, CIFAR-FS, the synthetic glyph set or your own class folders.
 
     Args:
-        dataset: "omniglot", "miniimagenet", "cifarfs" or "synthetic" (the names in
+        dataset: "omniglot", "miniimagenet", "cifarfs", "synthetic" or "folder" (the names in
             ``ttt_meta.data.registry.DATASETS``, which gives each its loader and defaults).
         root: data root holding a folder per data set: ``omniglot/omniglot-py``, ``miniimagenet/`` (learn2learn's
-            pickles, or images/ plus train/val/test.csv), ``cifarfs/`` (learn2learn's layout); default
-            $TTT_META_DATA, then ./data. Never written to, except by a download you allow.
+            pickles, or images/ plus train/val/test.csv), ``cifarfs/`` (learn2learn's layout); for "folder", the
+            folder that holds train/, val/ and test/ itself (``ttt_meta.data.folder``); default $TTT_META_DATA,
+            then ./data. Never written to, except by a download you allow.
         download: fetch the data set into root with torchvision / learn2learn when it is absent.
         cache_dir: where decoded image tensors are cached (default $TTT_META_CACHE, then ~/.cache/ttt_meta).
         ways, shots, queries: N-way K-shot episodes with Q queries per class (training).
@@ -109,7 +110,7 @@ class EpisodeDataModule(L.LightningDataModule):
             [0, label_space) instead of 0..N-1 (sequence learners), so every label embedding and head row of a
             model with max_ways = label_space is trained and it can be evaluated at up to that many ways.
         image_size: images are square of this side; default the data set's own (``registry.DATASETS``:
-            Omniglot 28, miniImageNet 84, CIFAR-FS 32, synthetic 28).
+            Omniglot 28, miniImageNet 84, CIFAR-FS 32, synthetic 28, folder 84).
         val_seed, test_seed: seeds of the fixed validation and test episodes (independent of the run's seed).
         num_workers: loader workers for the training stream (0: sample in the main process, fastest here).
     """
@@ -126,9 +127,8 @@ class EpisodeDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise UserError(f"unknown data.dataset {dataset!r}. Set it to one of {tuple(DATASETS)}")
-        entry = DATASETS[dataset]
-        image_size = entry.image_size if image_size is None else image_size
-        rotations = entry.rotations if rotations is None else rotations
+        image_size = image_size_or_native(dataset, image_size)
+        rotations = DATASETS[dataset].rotations if rotations is None else rotations
         for name, value in [("meta_batch_size", meta_batch_size), ("train_batches_per_epoch", train_batches_per_epoch),
                             ("val_episodes", val_episodes), ("test_episodes", test_episodes),
                             ("eval_batch_size", eval_batch_size), ("image_size", image_size)]:
@@ -158,14 +158,21 @@ class EpisodeDataModule(L.LightningDataModule):
         return None if self.splits is None else tuple(self.splits["train"].images.shape[2:])
 
     def prepare_data(self) -> None:
-        """Download if allowed, decode once and fill the cache, and check that the splits can give the episodes;
-        the splits are kept for this process's setup (the CLI calls this before the trainer writes anything)."""
+        """Download if allowed, decode once and fill the cache, and check that the splits can give the episodes
+        (a loader that caches checks them before it decodes: a bad setting writes nothing); the splits are kept
+        for this process's setup (the CLI calls this before the trainer writes anything)."""
         if self.splits is None:
             hp = self.hparams
-            splits = DATASETS[hp.dataset].load(resolve_root(hp.root), hp.download, hp.cache_dir, hp.image_size)
-            for split, spec in [("train", self.train_spec), ("val", self.eval_spec), ("test", self.eval_spec)]:
-                spec.check(*splits[split].images.shape[:2], split)
+            splits = DATASETS[hp.dataset].load(resolve_root(hp.root), hp.download, hp.cache_dir, hp.image_size,
+                                               self.check_split)
+            for split, data in splits.items():
+                self.check_split(split, data.names, data.sizes())
             self.splits = splits
+
+    def check_split(self, split: str, names: list[str], sizes: list[int]) -> None:
+        """A UserError when the classes `names` of `split`, of sizes[c] images each, cannot give its episodes
+        (an ``episodes.SplitCheck``)."""
+        (self.train_spec if split == "train" else self.eval_spec).check(names, sizes, split)
 
     def setup(self, stage: str) -> None:
         self.prepare_data()  # a no-op when this process prepared it (Lightning prepares on one process per node)

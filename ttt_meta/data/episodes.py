@@ -13,6 +13,7 @@ Batch of episodes (what the learners receive):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,23 @@ SPLITS = ("train", "val", "test")  # the splits every data set has: disjoint cla
 
 @dataclass(frozen=True)
 class ClassImages:
-    """Images of one split, grouped by class: images uint8 [C, S, channels, H, W], names[c] the class name."""
+    """Images of one split, grouped by class: images uint8 [C, S, channels, H, W], names[c] the class name.
+
+    With counts (int64 [C]), class c has only its first counts[c] images, the rest of its S is padding (classes of
+    different sizes); without, every class has all S.
+    """
 
     images: Tensor
     names: list[str]
+    counts: Tensor | None = None
+
+    def sizes(self) -> list[int]:
+        """The number of images of each class."""
+        return self.counts.tolist() if self.counts is not None else [self.images.shape[1]] * len(self.names)
+
+
+# check(split, class names, images per class): raises a UserError when that split cannot give its episodes
+SplitCheck = Callable[[str, list[str], list[int]], None]
 
 
 @dataclass(frozen=True)
@@ -40,20 +54,26 @@ class EpisodeSpec:
     shots: int
     queries: int
 
-    def check(self, num_classes: int, samples_per_class: int, split: str) -> None:
-        """Raise a clear ValueError when the episodes cannot be drawn from `num_classes` x `samples_per_class`."""
+    def check(self, names: list[str], sizes: list[int], split: str) -> None:
+        """Raise a UserError naming the options to change when the episodes cannot be drawn from the classes
+        `names` of `split`, of sizes[c] images each (a message names the smallest class when sizes differ)."""
         prefix = "" if split == "train" else "eval_"  # the options that set this split's episodes
         default = "" if split == "train" else " (unset, they take the training values)"
         if self.ways < 2 or self.shots < 1 or self.queries < 1:
             raise UserError(f"{split} episodes need ways >= 2, shots >= 1 and queries >= 1, got ways={self.ways}, "
                             f"shots={self.shots}, queries={self.queries}. Set data.{prefix}ways, data.{prefix}shots and "
                             f"data.{prefix}queries to such values")
-        if self.ways > num_classes:
+        if self.ways > len(names):
             raise UserError(f"{self.ways}-way episodes need {self.ways} classes but the {split} split has "
-                             f"{num_classes}. Lower data.{prefix}ways{default}")
-        if self.shots + self.queries > samples_per_class:
-            raise UserError(f"shots + queries = {self.shots + self.queries} exceeds the {samples_per_class} samples "
-                             f"per class of the {split} split. Lower data.{prefix}shots or data.{prefix}queries{default}")
+                             f"{len(names)}. Lower data.{prefix}ways{default}")
+        fewest = min(sizes)
+        if self.shots + self.queries > fewest:
+            uneven = len(set(sizes)) > 1
+            which = (f"images of {names[sizes.index(fewest)]}, the smallest class of" if uneven else
+                     "samples per class of")
+            raise UserError(f"shots + queries = {self.shots + self.queries} exceeds the {fewest} {which} the {split} "
+                            f"split. Lower data.{prefix}shots or data.{prefix}queries{default}"
+                            f"{', or add images to that class' if uneven else ''}")
 
 
 @dataclass(frozen=True)
@@ -74,12 +94,16 @@ class EpisodeIndex:
 
 
 def sample_episodes(n: int, spec: EpisodeSpec, num_classes: int, samples_per_class: int,
-                    generator: torch.Generator, rotations: bool = False) -> EpisodeIndex:
-    """Draw `n` episodes' indices; `rotations` multiplies the classes by 4 (rotated copies)."""
+                    generator: torch.Generator, rotations: bool = False, counts: Tensor | None = None) -> EpisodeIndex:
+    """Draw `n` episodes' indices; `rotations` multiplies the classes by 4 (rotated copies); with `counts`
+    (``ClassImages.counts``), class c's samples are drawn from its first counts[c] only."""
     N, K, Q = spec.ways, spec.shots, spec.queries
     pool = num_classes * (ROTATIONS if rotations else 1)
     classes = torch.rand(n, pool, generator=generator).argsort(-1)[:, :N]
-    samples = torch.rand(n, N, samples_per_class, generator=generator).argsort(-1)[..., :K + Q]
+    keys = torch.rand(n, N, samples_per_class, generator=generator)
+    if counts is not None:  # padding sorts after every real sample (keys < 1)
+        keys.masked_fill_(torch.arange(samples_per_class) >= counts[classes % num_classes].unsqueeze(-1), 2)
+    samples = keys.argsort(-1)[..., :K + Q]
     support_order = torch.rand(n, N * K, generator=generator).argsort(-1)
     query_order = torch.rand(n, N * Q, generator=generator).argsort(-1)
     return EpisodeIndex(classes, samples, support_order, query_order)

@@ -1,4 +1,5 @@
-"""Image files decoded once into uint8 tensors, and the on-disk cache of the result (shared by the data sets).
+"""Image files listed and decoded once into uint8 tensors, and the on-disk cache of the result (shared by the data
+sets and ``predict``).
 
 A cache file holds {"fingerprint", "names", "images"}; it is used only when all three match what the caller
 expects, so a changed data set or decoding method rebuilds it. Nothing is ever written beside the data.
@@ -22,7 +23,19 @@ from torch import Tensor
 
 from ..checkpointing import save_atomic
 from ..errors import MissingInput, UserError
-from .episodes import ClassImages
+from .episodes import ClassImages, SplitCheck
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # any case
+
+
+def image_files(folder: Path, what: str) -> list[Path]:
+    """The image files of `folder` (``IMAGE_SUFFIXES``), sorted; a UserError naming it as a `what` folder when
+    it holds none."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{what} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). Add "
+                        f"images to it or remove it")
+    return files
 
 
 def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
@@ -66,20 +79,22 @@ def cached(path: Path, fingerprint: str, names: list[str], shape: tuple[int, ...
 def decode_all(paths: list[str], size: int, mode: str, repair: str) -> Tensor:
     """Decode image files in parallel processes: uint8 [len(paths), channels, size, size].
 
-    Each file is converted to PIL `mode` ("L": 1 channel, "RGB": 3) and resized to size x size with LANCZOS
-    (skipped when it already has that size). A damaged file raises a ValueError that names it and ends with
+    Each file is read as `decode` reads it; a damaged file raises a UserError that names it and ends with
     `repair` (how to restore the data).
     """
-    decode = functools.partial(_decode, size=size, mode=mode, repair=repair)
+    decode_one = functools.partial(decode, size=size, mode=mode, fix=f"the file is damaged: {repair}")
     if len(paths) < 512:  # not worth starting processes
-        arrays = list(map(decode, paths))
+        arrays = list(map(decode_one, paths))
     else:
         with multiprocessing.Pool(min(8, os.cpu_count() or 1)) as pool:
-            arrays = pool.map(decode, paths, chunksize=256)
+            arrays = pool.map(decode_one, paths, chunksize=256)
     return torch.from_numpy(np.stack(arrays))
 
 
-def _decode(path: str, size: int, mode: str, repair: str) -> np.ndarray:
+def decode(path: str | os.PathLike, size: int, mode: str, fix: str) -> np.ndarray:
+    """One image file as uint8 [channels, size, size]: converted to PIL `mode` ("L": 1 channel, "RGB": 3) and
+    resized with LANCZOS (skipped when it already has that size). An unreadable file raises a UserError that
+    names it and ends with `fix`."""
     try:
         with Image.open(path) as image:
             image = image.convert(mode)
@@ -87,8 +102,7 @@ def _decode(path: str, size: int, mode: str, repair: str) -> np.ndarray:
                 image = image.resize((size, size), Image.Resampling.LANCZOS)
             array = np.asarray(image, dtype=np.uint8)
     except Exception as error:  # PIL raises several types for damaged files
-        raise UserError(f"cannot decode image {path} ({type(error).__name__}: {error}); the file is damaged: "
-                         f"{repair}") from None
+        raise UserError(f"cannot read image {path} ({type(error).__name__}: {error}); {fix}") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -121,14 +135,16 @@ def decoding(mode: str, invert: bool) -> str:
 
 
 def load_class_files(files: dict[str, dict[str, list[str]]], image_size: int, mode: str,
-                     cache_dir: str | os.PathLike | None, dataset: str, repair: str, invert: bool = False
-                     ) -> dict[str, ClassImages]:
+                     cache_dir: str | os.PathLike | None, dataset: str, repair: str, invert: bool = False,
+                     uneven: bool = False, check: SplitCheck | None = None) -> dict[str, ClassImages]:
     """Decode (or read from the cache) splits given as {split: {class name: image paths}}.
 
-    Every class must have the same number S of images. Returns {split: ClassImages} with images uint8
-    [classes, S, channels, image_size, image_size] (views into one memory-mapped cached tensor, classes in the
-    given order): each file converted to PIL `mode` and resized as `decode_all` does, then with `invert`
-    255 - pixels (dark strokes on white become bright strokes on black). The cache file is named after
+    Every class must have the same number S of images, unless `uneven`: then S is the largest class's, each
+    class is padded to S with zero images and every ClassImages has its counts. Returns {split: ClassImages}
+    with images uint8 [classes, S, channels, image_size, image_size] (views into one memory-mapped cached tensor,
+    classes in the given order): each file converted to PIL `mode` and resized as `decode_all` does, then with
+    `invert` 255 - pixels (dark strokes on white become bright strokes on black). `check` is called on each
+    split (``episodes.SplitCheck``) before anything is decoded or written. The cache file is named after
     `dataset`; the decoding (`decoding`) is part of its fingerprint.
     """
     where = f"the {dataset} data"
@@ -140,11 +156,15 @@ def load_class_files(files: dict[str, dict[str, list[str]]], image_size: int, mo
     if absent:
         raise MissingInput(f"{len(absent)} of the {len(paths)} images of {where} are missing, e.g. {absent[0]}; "
                                 f"the data set is incomplete: {repair}")
-    counts = {len(class_files) for by_class in files.values() for class_files in by_class.values()}
-    if len(counts) != 1:
-        raise UserError(f"the classes of {where} have different numbers of images ({sorted(counts)}); every class "
-                         f"needs the same number: {repair}")
-    per_class = counts.pop()
+    sizes = {split: [len(class_files) for class_files in by_class.values()] for split, by_class in files.items()}
+    every = [n for split_sizes in sizes.values() for n in split_sizes]
+    if len(set(every)) != 1 and not uneven:
+        raise UserError(f"the classes of {where} have different numbers of images ({sorted(set(every))}); every "
+                        f"class needs the same number: {repair}")
+    if check is not None:
+        for split, by_class in files.items():
+            check(split, list(by_class), sizes[split])
+    per_class = max(every)
     names = [f"{split}/{name}" for split, by_class in files.items() for name in by_class]
     key = fingerprint(f"{decoding(mode, invert)}\n{image_size}\n", (
         (f"{split}/{name}/{os.path.basename(p)}", p)
@@ -152,14 +172,21 @@ def load_class_files(files: dict[str, dict[str, list[str]]], image_size: int, mo
     path = cache_folder(cache_dir) / f"{dataset.lower().replace('-', '')}_{image_size}px_{key[:16]}.pt"
     channels = 1 if mode == "L" else 3
     shape = (len(names), per_class, channels, image_size, image_size)
+    real = torch.arange(per_class) < torch.tensor(every).unsqueeze(1)  # [classes, S]: False at padding
 
     def build() -> Tensor:
         pixels = decode_all(paths, image_size, mode, repair)
-        return 255 - pixels if invert else pixels
+        pixels = 255 - pixels if invert else pixels
+        if real.all():
+            return pixels
+        padded = pixels.new_zeros(shape)
+        padded[real] = pixels  # class-major, as `paths`
+        return padded
 
     decoded = cached(path, key, names, shape, build, dataset)
     splits, start = {}, 0
     for split, by_class in files.items():
-        splits[split] = ClassImages(decoded[start:start + len(by_class)], list(by_class))
+        counts = torch.tensor(sizes[split]) if uneven else None
+        splits[split] = ClassImages(decoded[start:start + len(by_class)], list(by_class), counts)
         start += len(by_class)
     return splits

@@ -19,8 +19,7 @@ import torch
 from ..errors import MissingInput, UserError
 from ..quiet import learn2learn
 from . import images
-from .episodes import SPLITS, ClassImages
-from .registry import image_size_or_native
+from .episodes import SPLITS, ClassImages, SplitCheck
 
 PICKLES = {"train": "mini-imagenet-cache-train.pkl", "val": "mini-imagenet-cache-validation.pkl",
            "test": "mini-imagenet-cache-test.pkl"}
@@ -31,20 +30,20 @@ _LAYOUTS = ("learn2learn's pickles mini-imagenet-cache-{train,validation,test}.p
             "under data/miniImagenet, the images are ImageNet's)")
 
 
-def load_miniimagenet(root: str | os.PathLike, download: bool = False, cache_dir: str | os.PathLike | None = None,
-                      image_size: int | None = None) -> dict[str, ClassImages]:
+def load_miniimagenet(root: str | os.PathLike, download: bool = False, cache_dir: str | os.PathLike | None = None, *,
+                      image_size: int, check: SplitCheck | None = None) -> dict[str, ClassImages]:
     """miniImageNet splits {"train", "val", "test"}: images uint8 [C, 600, 3, image_size, image_size].
 
     The data is read from ``root/miniimagenet`` (or from ``root`` itself when it holds one of the layouts).
     Classes are sorted by name; a class's images keep their order in the pickle or CSV. Images other than
-    84x84 (the native size, the default) are produced from the pickles by antialiased bilinear resizing, from
+    84x84 (the native size) are produced from the pickles by antialiased bilinear resizing, from
     the JPEGs by LANCZOS.
     ``download`` fetches the pickles into ``root/miniimagenet`` with learn2learn when no layout is found.
+    `check` is called on each split of the folder layout before its JPEGs are decoded (``images.load_class_files``).
     """
-    image_size = image_size_or_native("miniimagenet", image_size)
     folder = _find(Path(root), download)
     if not any((folder / name).exists() for name in PICKLES.values()):
-        return _read_folder(folder, image_size, cache_dir)  # checks the splits are disjoint before decoding
+        return _read_folder(folder, image_size, cache_dir, check)  # checks the splits before decoding
     splits = {split: _read_pickle(folder / PICKLES[split], image_size) for split in SPLITS}
     images.check_disjoint({split: data.names for split, data in splits.items()}, str(folder))
     return splits
@@ -134,7 +133,7 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
     return [(name.strip(), label.strip()) for name, label in rows[1:]]
 
 
-def _read_folder(folder: Path, image_size: int, cache_dir) -> dict[str, ClassImages]:
+def _read_folder(folder: Path, image_size: int, cache_dir, check: SplitCheck | None) -> dict[str, ClassImages]:
     missing = [name for name in [*CSVS.values(), "images"] if not (folder / name).exists()]
     if missing:
         raise MissingInput(f"{folder} lacks {missing}: the folder layout needs images/ plus "
@@ -146,4 +145,4 @@ def _read_folder(folder: Path, image_size: int, cache_dir) -> dict[str, ClassIma
             by_class.setdefault(label, []).append(str(folder / "images" / name))
         files[split] = dict(sorted(by_class.items()))
     return images.load_class_files(files, image_size, "RGB", cache_dir, "miniImageNet",
-                                   "restore images/ (or fix the CSVs), or download the data set again")
+                                   "restore images/ (or fix the CSVs), or download the data set again", check=check)

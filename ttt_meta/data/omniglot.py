@@ -8,8 +8,7 @@ import torchvision
 
 from ..errors import MissingInput, UserError
 from . import images
-from .episodes import SPLITS, ClassImages
-from .registry import image_size_or_native
+from .episodes import SPLITS, ClassImages, SplitCheck
 
 IMAGES_PER_CHARACTER = 20
 SPLIT_FILE = Path(__file__).with_name("omniglot_split.json")
@@ -28,8 +27,10 @@ def load_omniglot(
     root: str | os.PathLike,
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    image_size: int | None = None,
+    *,
+    image_size: int,
     split: dict | None = None,
+    check: SplitCheck | None = None,
 ) -> dict[str, ClassImages]:
     """Omniglot splits {"train", "val", "test"}: images uint8 [C, 20, 1, image_size, image_size], strokes 255.
 
@@ -37,9 +38,10 @@ def load_omniglot(
     split by character, as written in `omniglot_split.json` (1100 / 100 / 423), or as `split` gives
     ({"train": [names], "val": [...], "test": [...]}, names "<Alphabet>/<characterNN>"). Each image is converted
     to mode "L", resized with LANCZOS (like learn2learn; Pillow would use nearest for the mode "1" file), and
-    inverted so that strokes are bright. `image_size` defaults to the native 28 (``registry.DATASETS``).
+    inverted so that strokes are bright (28x28 natively: ``registry.DATASETS``).
     Decoded images are cached in `cache_dir` (default $TTT_META_CACHE, else ~/.cache/ttt_meta); nothing is ever
-    written into `root` unless `download` fetches the data there.
+    written into `root` unless `download` fetches the data there. `check` is called on each split before decoding
+    (``images.load_class_files``).
     """
     if split is None:
         split = json.loads(SPLIT_FILE.read_text())
@@ -53,8 +55,8 @@ def load_omniglot(
             f"{_REPAIR}"
         )
     files = {key: {name: characters[name] for name in split[key]} for key in SPLITS}
-    return images.load_class_files(files, image_size_or_native("omniglot", image_size), "L", cache_dir, "Omniglot",
-                                   _REPAIR, invert=True)
+    return images.load_class_files(files, image_size, "L", cache_dir, "Omniglot", _REPAIR, invert=True,
+                                   check=check)
 
 
 def _list_characters(root: str | os.PathLike, download: bool) -> dict[str, list[str]]:

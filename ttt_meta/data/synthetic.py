@@ -6,7 +6,6 @@ import torch
 
 from ..errors import UserError
 from .episodes import SPLITS, ClassImages
-from .registry import image_size_or_native
 
 _POINTS_PER_STROKE = 4  # cubic Bezier control points
 _SEGMENTS_PER_STROKE = 8  # polyline segments a stroke is drawn with
@@ -14,16 +13,14 @@ _MAX_STROKES = 4
 _CHUNK = 128  # images per rendering step: keeps the [n, H*W, segments] distance field small
 
 
-def make_glyphs(num_classes: int, samples_per_class: int = 20, image_size: int | None = None,
-                seed: int = 0) -> ClassImages:
+def make_glyphs(num_classes: int, samples_per_class: int = 20, *, image_size: int, seed: int = 0) -> ClassImages:
     """Render `num_classes` random glyphs, each drawn `samples_per_class` times with jitter.
 
     A class is 2-4 cubic Bezier strokes; each sample moves the control points a little and applies a small
     random rotation, scale, shear, shift and stroke width. Returns images uint8 [C, S, 1, H, W] with
-    H = W = image_size (default the native 28), strokes 255 on a 0 background, names "glyph<seed>_<c>". The
-    same arguments give the same bytes on every call.
+    H = W = image_size (28 natively: ``registry.DATASETS``), strokes 255 on a 0 background, names
+    "glyph<seed>_<c>". The same arguments give the same bytes on every call.
     """
-    image_size = image_size_or_native("synthetic", image_size)
     if num_classes < 1 or samples_per_class < 1:
         raise UserError(f"need num_classes >= 1 and samples_per_class >= 1, got {num_classes} and {samples_per_class}")
     g = torch.Generator().manual_seed(seed)
@@ -88,7 +85,8 @@ def _render(a: torch.Tensor, b: torch.Tensor, used: torch.Tensor, width: torch.T
 def load_synthetic(
     num_classes: tuple[int, int, int] = (400, 100, 100),
     samples_per_class: int = 20,
-    image_size: int | None = None,
+    *,
+    image_size: int,
     seed: int = 0,
 ) -> dict[str, ClassImages]:
     """Synthetic few-shot splits {"train", "val", "test"} with num_classes[i] classes each.
@@ -96,6 +94,6 @@ def load_synthetic(
     Split i is make_glyphs(..., seed=3 * seed + i), so splits never share a seed and differ in classes.
     """
     return {
-        split: make_glyphs(n, samples_per_class, image_size, 3 * seed + i)
+        split: make_glyphs(n, samples_per_class, image_size=image_size, seed=3 * seed + i)
         for i, (split, n) in enumerate(zip(SPLITS, num_classes))
     }
