@@ -20,8 +20,8 @@ import torch
 
 from ttt_meta.cli import set_threads
 from ttt_meta.learners import MAMLLearner
-from ttt_meta.measure import (evaluate, hardware_text, markdown_table, median_seconds, printed_rows, provenance,
-                              pyplot, random_episodes, save_figure, write_results)
+from ttt_meta.measure import (add_timing_arguments, evaluate, hardware_text, markdown_table, median_seconds,
+                              printed_rows, provenance, pyplot, random_episodes, save_figure, write_results)
 from ttt_meta.nn.cores import CORES
 from ttt_meta.runs import build
 
@@ -94,12 +94,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--episode-batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--min-seconds", type=float, default=2.0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to measure (default: cuda when there is one)")
-    parser.add_argument("--name", default="bench_episodes", help="results file name")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    add_timing_arguments(parser, "bench_episodes", ROOT / "results")
     args = parser.parse_args(argv)
     set_threads()
     prov = provenance(__file__, argv)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ttt_meta.cli import set_threads
-from ttt_meta.measure import (hardware_text, markdown_table, median_seconds, peak_tensor_mb, printed_rows,
-                              provenance, pyplot, save_figure, write_results)
+from ttt_meta.measure import (add_timing_arguments, hardware_text, markdown_table, median_seconds, peak_tensor_mb,
+                              printed_rows, provenance, pyplot, save_figure, write_results)
 from ttt_meta.nn.cores import CORES, make_core
 from ttt_meta.nn.ttt import FORMS
 
@@ -122,15 +122,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--mini-batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--fit-from", type=int, default=1024)
     parser.add_argument("--primal-max", type=int, default=4096,
                         help="longest T for the primal (reference) forms; TTT-MLP's needs ~10 GB at 8192")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to measure (default: cuda when there is one)")
-    parser.add_argument("--name", default="bench_layers", help="results file name")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    add_timing_arguments(parser, "bench_layers", ROOT / "results")
     args = parser.parse_args(argv)
     set_threads()
     meta = {"batch": args.batch, "width": args.width, "heads": args.heads, "mini_batch": args.mini_batch,

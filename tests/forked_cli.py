@@ -5,15 +5,20 @@ Run as a script, it reads one JSON object per line on stdin, ``{"args": [...], "
 per case that runs the ``ttt_meta`` module as ``python -m ttt_meta ARGS`` would (its own working folder, standard
 output and error, exit status; an uncaught exception printed with its traceback and exit status 1, as the
 interpreter does), waits for all of them, and writes one JSON object per case, in order:
-``{"returncode", "stdout", "stderr"}``. Nothing has run a torch operation before the forks.
+``{"returncode", "stdout", "stderr"}``. Nothing has run a torch operation before the forks. A case with
+``"meet_before": "module:function"`` calls that function only once every such case's process has reached it (a
+barrier), so that they race there.
 """
 
+import importlib
 import json
 import os
 import runpy
 import sys
 import tempfile
+import time
 import traceback
+from pathlib import Path
 
 import ttt_meta.cli  # noqa: F401  (the imports every case shares)
 
@@ -40,13 +45,35 @@ def run_case(args: list[str], cwd: str, out: int, err: int) -> None:
     os._exit(code)
 
 
+def meet_before(target: str, arrived: Path, count: int) -> None:
+    """In the forked child: `target` (``module:function``) waits until `count` processes have reached it (a file
+    each in the folder `arrived`; at most 120 s), then runs."""
+    module_name, name = target.split(":")
+    module = importlib.import_module(module_name)
+    function = getattr(module, name)
+
+    def gated(*args, **kwargs):
+        (arrived / str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(list(arrived.iterdir())) < count and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return function(*args, **kwargs)
+
+    setattr(module, name, gated)
+
+
 def main() -> None:
     cases = [json.loads(line) for line in sys.stdin if line.strip()]
+    targets = {case["meet_before"] for case in cases if "meet_before" in case}
+    barriers = {target: tempfile.TemporaryDirectory() for target in targets}  # removed when this process exits
     running = []
     for case in cases:
         out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         pid = os.fork()
         if pid == 0:
+            if "meet_before" in case:
+                target = case["meet_before"]
+                meet_before(target, Path(barriers[target].name), sum(c.get("meet_before") == target for c in cases))
             run_case(case["args"], case["cwd"], out.fileno(), err.fileno())
         running.append((pid, out, err))
     for pid, out, err in running:

@@ -4,6 +4,7 @@ signal that resume bitwise."""
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import QUICK, TINY, run_cli
 
 ROOT = Path(__file__).parents[1]
@@ -28,10 +30,13 @@ def ttt_meta(folder: Path, *args: str, env: dict | None = None, timeout: int = 3
                           text=True, timeout=timeout)
 
 
-def ttt_meta_forked(cases: list[tuple[Path, list[str]]]) -> list[subprocess.CompletedProcess]:
+def ttt_meta_forked(cases: list[tuple[Path, list[str]]], meet_before: str | None = None
+                    ) -> list[subprocess.CompletedProcess]:
     """``python -m ttt_meta ARGS`` in `folder` for each (folder, ARGS), each in a process of its own, all at once,
-    forked from one that has imported ttt_meta (``forked_cli.py``): seconds instead of a minute for a dozen."""
-    lines = "".join(json.dumps({"args": args, "cwd": str(folder)}) + "\n" for folder, args in cases)
+    forked from one that has imported ttt_meta (``forked_cli.py``): seconds instead of a minute for a dozen.
+    `meet_before` (``module:function``): each process calls it only once all of them have reached it."""
+    meet = {"meet_before": meet_before} if meet_before else {}
+    lines = "".join(json.dumps({"args": args, "cwd": str(folder), **meet}) + "\n" for folder, args in cases)
     env = {**os.environ, "TTT_META_THREADS": "1"}
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("forked_cli.py"))], input=lines, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -149,6 +154,47 @@ def test_quiet_fit_summary_versions_and_resume(tmp_path, capsys):
     assert len(list((tmp_path / "logs" / "quickstart" / "version_0").glob("events.out.tfevents.*"))) == 2
     versions = sorted(p.name for p in (tmp_path / "checkpoints" / "quickstart").iterdir())
     assert versions == ["version_0", "version_1"]  # a resume makes no new version
+
+
+def test_fits_started_at_once_take_versions_of_their_own(tmp_path):
+    """Two fits of one config, in two processes that reach the version reservation at the same moment (a sweep
+    started with ``&``): versions 0 and 1, each with its own intact checkpoints, TensorBoard events and config."""
+    fit = ["fit", "--config", QUICK, *TINY, "--trainer.max_steps=4"]
+    done = ttt_meta_forked([(tmp_path, fit)] * 2, meet_before="ttt_meta.cli:reserve_version")
+    assert all(d.returncode == 0 for d in done), [d.stderr[-2000:] for d in done]
+    said = sorted(int(re.search(r"run quickstart, version (\d+)", d.stdout).group(1)) for d in done)
+    found = {root: {p.name: sorted(f.name for f in p.iterdir()) for p in (tmp_path / root / "quickstart").iterdir()}
+             for root in ("checkpoints", "logs")}
+    listing = [f"{root}/quickstart/{v}: {', '.join(files)}" for root, runs in found.items()
+               for v, files in runs.items()]
+    print(f"\ntwo fits at once: versions said {said}; " + "; ".join(sorted(listing)))
+    assert said == [0, 1] and sorted(found["checkpoints"]) == sorted(found["logs"]) == ["version_0", "version_1"]
+    for n in (0, 1):
+        folder = f"checkpoints/quickstart/version_{n}"
+        assert _state(tmp_path / folder / "last.ckpt")["global_step"] == 4
+        assert len([f for f in found["checkpoints"][f"version_{n}"] if f.startswith("best-")]) == 1
+        assert len([f for f in found["logs"][f"version_{n}"] if f.startswith("events.out.tfevents.")]) == 1
+        config = yaml.safe_load((tmp_path / "logs" / "quickstart" / f"version_{n}" / "config.yaml").read_text())
+        assert config["checkpoint"]["dirpath"] == config["last_checkpoint"]["dirpath"] == folder
+        assert config["trainer"]["logger"]["init_args"]["version"] == n
+
+
+def test_version_taken_meanwhile_is_skipped(tmp_path, monkeypatch):
+    """Resolving a config writes nothing; ``reserve_version`` creates both folders of a version or goes on: a
+    version whose log folder another run created after the listing, or whose checkpoint folder exists, is skipped,
+    and only what it made itself for a skipped version is removed again."""
+    from ttt_meta import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--config", QUICK], run=False).config.checkpoint.dirpath == "checkpoints/quickstart/version_0"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(cli, "run_versions", lambda folder: {})  # listed before the other runs made their folders
+    (tmp_path / "logs" / "r" / "version_0").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "r" / "version_1").mkdir(parents=True)
+    assert [cli.reserve_version("r"), cli.reserve_version("r")] == [2, 3]
+    assert sorted(p.name for p in (tmp_path / "logs" / "r").iterdir()) == ["version_0", "version_2", "version_3"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "r").iterdir()) == ["version_1", "version_2",
+                                                                                  "version_3"]
 
 
 def test_hparams_metrics_are_not_logged_as_zero(tmp_path):

@@ -3,14 +3,16 @@
 Every run of a name (``run_name``, default the config file's name) gets its own version N: TensorBoard logs in
 ``logs/<run_name>/version_N/`` and checkpoints in ``checkpoints/<run_name>/version_N/`` (the best by validation
 accuracy, and ``last.ckpt`` every ``last_checkpoint.every_n_steps`` steps), so a second run never touches the
-first one's files. ``--ckpt_path last`` means the newest ``last.ckpt`` of the run name; ``fit`` from a checkpoint
-of ``checkpoints/<run_name>/version_N/`` continues version N (its logs too). ``test`` writes
-``test_results.json`` (mean accuracy and 95% interval) into its log folder (``inspection.TestReport``). Before
-anything is written, the data, the episodes and any ``--ckpt_path`` are checked against the model, once
-(``TTTMetaCLI.check_inputs``). A config file may begin with ``compose: [PART, ...]``: its parts (paths relative to it, each
-possibly composed itself) are merged first, in order, then its own keys (``composed``). A user's mistake ends as one line,
-``error: ...``, with exit status 2 (``TTT_META_DEBUG=1`` shows the traceback); SIGINT or SIGTERM during ``fit``
-saves ``last.ckpt`` and prints the command that resumes it.
+first one's files; a run takes N for good when it starts (``reserve_version``), so runs started at once (a sweep)
+never share one, and resolving a config writes nothing. ``--ckpt_path last`` means the newest ``last.ckpt`` of the
+run name; ``fit`` from a checkpoint of ``checkpoints/<run_name>/version_N/`` continues version N (its logs too).
+``test`` and ``validate`` log into a version of their own; ``test`` writes ``test_results.json`` (mean accuracy
+and 95% interval) into it (``inspection.TestReport``). Before anything is written, the data, the episodes and any
+``--ckpt_path`` are checked against the model, once (``TTTMetaCLI.check_inputs``). A config file may begin with
+``compose: [PART, ...]``: its parts (paths relative to it, each possibly composed itself) are merged first, in
+order, then its own keys (``composed``). A user's mistake ends as one line, ``error: ...``, with exit status 2
+(``TTT_META_DEBUG=1`` shows the traceback); SIGINT or SIGTERM during ``fit`` saves ``last.ckpt`` and prints the
+command that resumes it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import signal
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -53,6 +57,7 @@ subcommands:
 Runs write logs/<run_name>/version_N/ (TensorBoard: tensorboard --logdir logs) and checkpoints/<run_name>/version_N/.
 """
 LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")  # --ckpt_path values that Lightning resolves itself
+VERSION_ROOTS = ("logs", "checkpoints")  # a run's version folders: <root>/<run_name>/version_N
 
 
 def set_threads() -> int:
@@ -66,6 +71,39 @@ def run_versions(folder: Path) -> dict[int, Path]:
     """{N: folder/version_N} of the version folders in `folder` (``logs/<run_name>`` or ``checkpoints/<run_name>``)."""
     found = (re.fullmatch(r"version_(\d+)", p.name) for p in folder.glob("version_*") if p.is_dir())
     return {int(m.group(1)): folder / m.group(0) for m in found if m}
+
+
+def next_version(run_name: str) -> int:
+    """1 + the largest N of ``logs/<run_name>/version_N`` and ``checkpoints/<run_name>/version_N`` (0 when none)."""
+    return 1 + max([n for root in VERSION_ROOTS for n in run_versions(Path(root) / run_name)], default=-1)
+
+
+def reserve_version(run_name: str, roots: tuple[str, ...] = VERSION_ROOTS) -> int:
+    """A new version N of `run_name`, taken for this process alone: the first N from ``next_version`` on for which
+    this call creates ``<root>/<run_name>/version_N`` for every root of `roots` (``os.mkdir``, atomic: of runs that
+    start at once, one creates the folder and the others find it there). A folder that exists belongs to another
+    run, so N goes on to N + 1; an empty folder this call made for an N it could not take whole is removed again,
+    nothing else is."""
+    version = next_version(run_name)
+    while True:
+        made = []
+        try:
+            for root in roots:
+                folder = Path(root) / run_name / f"version_{version}"
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                folder.mkdir()
+                made.append(folder)
+            return version
+        except FileExistsError:
+            for folder in made:
+                folder.rmdir()
+            version += 1
+
+
+def _logger(run_name: str, version: int) -> dict:
+    """The TensorBoard logger of version `version` of `run_name` (``logs/<run_name>/version_N``), as a config."""
+    return {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "logs", "name": run_name, "version": version, "default_hp_metric": False}}
 
 
 def newest_last_checkpoint(run_name: str) -> Path:
@@ -210,15 +248,21 @@ class TTTMetaCLI(LightningCLI):
         the checkpoint against the model once it is built (``TTTMetaCLI.check_inputs``). Lightning offers no public switch
         for this, and its own way overrides even the options given on the command line, silently."""
 
+    @property
+    def run_config(self):
+        """The config of the run: the subcommand's, or the whole one of a build without a subcommand."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
-        """Name the run, resolve ``--ckpt_path last``, and pick its version N (a new one, or the resumed one)."""
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        """Name the run, resolve ``--ckpt_path last``, and pick its version N: the resumed one, or the next free one,
+        which ``claim_version`` takes for good when the run starts (nothing is written here)."""
+        cfg = self.run_config
         name = cfg.run_name or (self.config_files[-1].stem if self.config_files else "run")
         cfg.run_name = name
-        logs, checkpoints = Path("logs") / name, Path("checkpoints") / name
+        checkpoints = Path("checkpoints") / name
         if cfg.get("ckpt_path") == "last":
             cfg.ckpt_path = str(newest_last_checkpoint(name))
-        versions, version = run_versions(checkpoints), None
+        versions, self.version = run_versions(checkpoints), None
         if self.subcommand == "fit" or self.subcommand is None and self.resume is not None:
             resume = cfg.get("ckpt_path") or self.resume
             foreign = sorted(p.name for p in checkpoints.iterdir()
@@ -229,17 +273,18 @@ class TTTMetaCLI(LightningCLI):
                                 f"move those files into a version_N folder of their own")
             if resume:  # resuming a checkpoint of this run name continues its version
                 resumed = Path(resume).resolve().parent
-                version = next((n for n, folder in versions.items() if folder.resolve() == resumed), None)
-        if version is None:
-            version = 1 + max([*run_versions(logs), *versions], default=-1)
-        if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = str(checkpoints / f"version_{version}")
+                self.version = next((n for n, folder in versions.items() if folder.resolve() == resumed), None)
+        self.claimed = self.version is not None  # a resumed version is the run's already
+        if self.version is None:
+            self.version = next_version(name)
+        self.own_logger = cfg.trainer.logger is None or cfg.trainer.logger is True
+        self.own_checkpoints = cfg.checkpoint.dirpath is None
+        if self.own_checkpoints:
+            cfg.checkpoint.dirpath = str(checkpoints / f"version_{self.version}")
         if cfg.last_checkpoint.dirpath is None:
             cfg.last_checkpoint.dirpath = cfg.checkpoint.dirpath
-        if cfg.trainer.logger is None or cfg.trainer.logger is True:
-            cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                  "init_args": {"save_dir": "logs", "name": name, "version": version,
-                                                "default_hp_metric": False}}
+        if self.own_logger:
+            cfg.trainer.logger = _logger(name, self.version)
 
     def instantiate_classes(self) -> None:
         try:
@@ -260,7 +305,45 @@ class TTTMetaCLI(LightningCLI):
         self.datamodule.prepare_data()
         self.model.check_data(self.datamodule)
 
-    before_fit = before_validate = before_test = check_inputs
+    def claim_version(self) -> None:
+        """Take the run's new version for good just before the trainer writes anything. Process 0 reserves it
+        (``reserve_version``; its node and local rank are 0 under any launcher, before the processes meet), the
+        next free one when a run that started meanwhile took the one resolved before; every other process takes
+        process 0's when the trainer sets up (``SameVersion``). Nothing when the run resumes a version."""
+        fit = self.subcommand in ("fit", None)  # a build without a subcommand is for a fit (``ttt_meta.runs``)
+        roots = ("logs",) * self.own_logger + ("checkpoints",) * (self.own_checkpoints and fit)
+        if self.claimed or not roots:
+            return
+        self.claimed = True
+        if self.trainer.node_rank == 0 and self.trainer.local_rank == 0:
+            self.use_version(reserve_version(self.run_config.run_name, roots))
+        self.trainer.callbacks.insert(0, SameVersion(self))
+
+    def use_version(self, version: int) -> None:
+        """Make `version` the run's: the logger and the checkpoint folders that the CLI named, and the config."""
+        if version == self.version:
+            return
+        cfg = self.run_config
+        if self.own_logger:
+            logger = cfg.trainer.logger = _logger(cfg.run_name, version)
+            self.trainer.logger = TensorBoardLogger(**logger["init_args"])
+        if self.own_checkpoints:
+            taken, folder = (Path("checkpoints") / cfg.run_name / f"version_{v}" for v in (self.version, version))
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, ModelCheckpoint | LastCheckpoint) and callback.dirpath is not None \
+                        and os.path.realpath(callback.dirpath) == os.path.realpath(taken):
+                    callback.dirpath = os.path.realpath(folder)
+            for key in ("checkpoint", "last_checkpoint"):
+                if cfg[key].dirpath == str(taken):
+                    cfg[key].dirpath = str(folder)
+        self.version = version
+
+    def start(self) -> None:
+        """Before a subcommand runs: ``check_inputs``, then ``claim_version``."""
+        self.check_inputs()
+        self.claim_version()
+
+    before_fit = before_validate = before_test = start
 
     def after_fit(self) -> None:
         """What the run left and what to do next: best and last checkpoints, the test command, TensorBoard."""
@@ -280,6 +363,17 @@ class TTTMetaCLI(LightningCLI):
         lines += [f"  test it:      {invocation()} test {shlex.join([*args, '--ckpt_path', _relative(target)])}",
                   "  TensorBoard:  tensorboard --logdir logs"]
         print("\n".join(lines))
+
+
+class SameVersion(L.Callback):
+    """At set-up, once the processes have met, every process takes process 0's version with its logger and
+    checkpoint folders (``TTTMetaCLI.use_version``): under torchrun the others resolved theirs on their own."""
+
+    def __init__(self, cli: TTTMetaCLI):
+        self.cli = cli
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.cli.use_version(trainer.strategy.broadcast(self.cli.version))
 
 
 def main(args: list[str] | None = None, run: bool = True, resume: str | Path | None = None):

@@ -3,7 +3,8 @@
 - ``episode_accuracy(logits [B, NQ, N], labels [B, NQ]) -> [B]``: the fraction of each episode's queries scored
   right; ``confidence_interval(acc [n]) -> (mean, 1.96 * std / sqrt(n))``, the 95% interval reported everywhere.
 - Time: ``timed_call`` (one call, CUDA synchronised), ``median_seconds`` (median over repeats after a warm-up),
-  ``StepClock`` (the training steps of a Lightning ``fit``).
+  ``StepClock`` (the training steps of a Lightning ``fit``); ``add_timing_arguments`` gives a benchmark script its
+  shared options.
 - Memory: ``peak_tensor_mb`` (peak of the live tensors a call allocates, from the profiler's allocation events).
 - Work to measure: ``random_episodes`` (fixed random episodes in the data module's batch format),
   ``evaluate`` (a forward under inference_mode), ``optimizer_step`` (forward, backward, optimiser step).
@@ -16,6 +17,7 @@ matplotlib and the profiler are imported when first used: the learners import th
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -70,6 +72,18 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, min_seconds: floa
     while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_runs):
         times.append(timed_call(fn, device)[1])
     return statistics.median(times)
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, name: str, out: Path) -> None:
+    """The options of a benchmark script that times calls with ``median_seconds``: --repeats, --min-seconds,
+    --device (default: cuda when there is one), --name of its results file (default `name`) and --out (its folder,
+    default `out`)."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to measure (default: cuda when there is one)")
+    parser.add_argument("--name", default=name, help="results file name")
+    parser.add_argument("--out", type=Path, default=out)
 
 
 class StepClock(L.Callback):

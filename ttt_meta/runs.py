@@ -2,7 +2,8 @@
 run left), and score it on the fixed test episodes.
 
 - ``build(config, overrides, run_name)``: the model, data module and trainer of ``configs/...yaml`` plus
-  ``key=value`` overrides, nothing run (``ttt_meta.cli.main(args, run=False)``).
+  ``key=value`` overrides, nothing run (``ttt_meta.cli.main(args, run=False)``); a fit of it first takes its
+  version for good (``TTTMetaCLI.claim_version``), as the command line's does.
 - ``Budget``: a step count, or seconds turned into steps from the measured step time (so every learning-rate
   schedule runs to its end), or no training (``--from-checkpoints``); ``add_budget_arguments`` gives a script
   those options and ``--override``.
@@ -100,6 +101,7 @@ def train(config: Path, run_name: str, overrides: list[str], budget: Budget) -> 
         return cli, {"train_steps": ckpt["global_step"], "train_seconds": float("nan")}
     steps = budget.steps or max(1, int(budget.seconds / step_seconds(build(config, overrides, run_name))))
     cli = build(config, [*overrides, f"trainer.max_steps={steps}", "trainer.max_epochs=-1"], run_name)
+    cli.claim_version()
     seconds = timed_call(lambda: cli.trainer.fit(cli.model, cli.datamodule))[1]
     return cli, {"train_steps": steps, "train_seconds": seconds}
 
@@ -181,8 +183,9 @@ def train_for(config: Path, run_name: str, overrides: list[str], seconds: float 
                          f"trainer.val_check_interval={interval}"], run_name, resume=last)
     if saved is None or not clock.reached(saved["global_step"]):
         cli.trainer.callbacks.insert(0, clock)
+        cli.claim_version()
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=last, weights_only=False)
-        last = newest_last_checkpoint(run_name)
+        last = Path(cli.config.last_checkpoint.dirpath) / "last.ckpt"  # its own, not a concurrent run's
         saved = read_checkpoint(last)
     best = Path(callback_state(saved, ModelCheckpoint).get("best_model_path") or last)
     if not best.is_file():  # a last.ckpt written before the final validation replaced the best (save_top_k=1)
