@@ -45,7 +45,8 @@ import torch
 
 from ttt_meta.cli import set_threads
 from ttt_meta.learners import MAMLLearner
-from ttt_meta.measure import hardware_text, markdown_table, provenance, pyplot, save_figure, write_results
+from ttt_meta.measure import (THRESHOLDS, comparison_budget, comparison_table, provenance, pyplot, save_figure,
+                              write_results)
 from ttt_meta.nn.cores import CORES
 from ttt_meta.runs import build, score, train_for
 
@@ -54,7 +55,6 @@ MODELS = [*CORES, "ttt_readout", "lstm_large", "protonet", "maml", "metasgd"]
 # slower in bf16 autocast on CPU (runs.step_seconds under autocast, 1 thread: 0.93 vs 0.83 s per MAML 5w1s step)
 FLOAT32 = ("maml", "metasgd")
 MAML_STEPS = (1, 10)  # scored besides the configured test steps
-THRESHOLDS = (0.95, 0.97, 0.98)
 
 
 def has_bf16() -> bool:
@@ -146,41 +146,6 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
     return [{"model": label, **score(model, cli.datamodule, device), **common}], data
 
 
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
-def budget(meta: dict) -> str:
-    """The training budget of each model, in words."""
-    steps = meta.get("steps")
-    if steps is None:
-        return f"{meta['minutes']:g} min of training steps per model"
-    if set(steps) == {""}:
-        return f"{steps['']:,} training steps per model"
-    return "training steps " + ", ".join(f"{model or 'every other model'} {n:,}" for model, n in steps.items())
-
-
-def table(rows: list[dict], meta: dict, prov: dict) -> str:
-    """The comparison as the README shows it: caption, then one row per model."""
-    at = any("scored_at" in r for r in rows)
-    ttt = None if at else next((r for r in rows if r["model"] == "ttt_linear"), None)  # the cost reference, if any
-    header = ["model", *(["scored at"] if at else []), "test acc % (95% CI)", "best val acc %", "test ms / episode",
-              *(["cost / TTT-Linear"] if ttt else []),
-              *(f"s to {t:.0%} val" for t in THRESHOLDS), "train s", "train steps", "train episodes", "params"]
-    cells = [[r["model"], *([r["scored_at"]] if at else []), f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}",
-              f"{100 * r['best_val_acc']:.2f}",
-              f"{r['test_ms_per_episode']:.1f}",
-              *([f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x"] if ttt else []),
-              *(_seconds(r["time_to"][f"{t:.0%}"]) for t in THRESHOLDS), f"{r['train_seconds']:.0f}",
-              r["train_steps"], f"{r['train_episodes']:,}", f"{r['params']:,}"] for r in rows]
-    caption = (f"{meta['dataset']} {meta['setting']}: {budget(meta)} "
-               f"({hardware_text(prov)}); test: the best-validated checkpoint on {meta['test_episodes']} fixed test "
-               f"episodes ({meta['queries']} queries per class), cost per episode in batches of "
-               f"{meta['eval_batch_size']}. Commit {str(prov['commit'])[:10]}{' (dirty)' if prov['dirty'] else ''}, "
-               f"{prov['date'][:10]}: `{prov['command']}`")
-    return f"{caption}\n\n{markdown_table(header, cells)}\n"
-
-
 def figure(rows: list[dict], meta: dict, path: Path) -> None:
     """Validation accuracy against log training seconds and against training episodes, one line per run."""
     fig, (by_time, by_episodes) = pyplot().subplots(1, 2, figsize=(12, 4.5))
@@ -202,7 +167,7 @@ def figure(rows: list[dict], meta: dict, path: Path) -> None:
         for t in THRESHOLDS:
             ax.axhline(100 * t, color="grey", lw=0.5, ls=":")
     by_time.legend(fontsize=8)
-    fig.suptitle(f"{meta['dataset']} {meta['setting']}: {budget(meta)}")
+    fig.suptitle(f"{meta['dataset']} {meta['setting']}: {comparison_budget(meta)}")
     save_figure(fig, path)
 
 
@@ -249,7 +214,7 @@ def main(argv=None) -> list[dict]:
                     "queries": dm.eval_queries or dm.queries, "test_seed": dm.test_seed, "val_seed": dm.val_seed,
                     "val_episodes": dm.val_episodes, "eval_batch_size": dm.eval_batch_size}
         name = args.name or f"compare_{meta['dataset']}_{args.setting}"
-        markdown = table(rows, meta, prov)
+        markdown = comparison_table(rows, meta, prov)
         write_results(args.out, name, {"meta": meta, "rows": rows}, markdown, prov)
         figure(rows, meta, args.out / f"{name}.png")
     print(markdown)

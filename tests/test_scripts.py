@@ -264,17 +264,17 @@ def test_compare_scores_one_model_at_several_settings(tmp_path, monkeypatch):
     compare = script("compare")
     monkeypatch.chdir(tmp_path)
     overrides = ["data.dataset=synthetic", "data.val_episodes=4", "data.test_episodes=6", "data.eval_batch_size=3",
-                 "data.meta_batch_size=2", "model.init_args.encoder_channels=4", "model.init_args.width=16",
-                 "model.init_args.label_codes=learned"]
-    rows = compare.main(["--setting", "varied", "--minutes", "0.02", "--val-every", "1", "--models", "ttt_linear",
-                         "--score-at", "5w1s", "20w5s", "--variants", "default", "w8:model.init_args.width=8",
+                 "data.meta_batch_size=2", "model.init_args.encoder_channels=4"]
+    rows = compare.main(["--setting", "varied", "--minutes", "0.02", "--val-every", "1", "--models", "ttt_readout",
+                         "--score-at", "5w1s", "20w5s", "--variants", "default", "c2:model.init_args.encoder_channels=2",
                          "--override", *overrides, "--out", str(tmp_path / "results")])
     assert [(r["model"], r["scored_at"], r["episodes"]) for r in rows] == [
-        ("ttt_linear", "5w1s", 6), ("ttt_linear", "20w5s", 6), ("ttt_linear_w8", "5w1s", 6), ("ttt_linear_w8", "20w5s", 6)]
-    assert rows[2]["overrides"][-1] == "model.init_args.width=8" and rows[2]["params"] < rows[0]["params"]
-    assert (tmp_path / "checkpoints" / "compare_omniglot_varied_ttt_linear_w8" / "version_0").is_dir()
+        ("ttt_readout", "5w1s", 6), ("ttt_readout", "20w5s", 6), ("ttt_readout_c2", "5w1s", 6),
+        ("ttt_readout_c2", "20w5s", 6)]
+    assert rows[2]["overrides"][-1] == "model.init_args.encoder_channels=2" and rows[2]["params"] < rows[0]["params"]
+    assert (tmp_path / "checkpoints" / "compare_omniglot_varied_ttt_readout_c2" / "version_0").is_dir()
     markdown = json.loads((tmp_path / "results" / "compare_synthetic_varied.json").read_text())["markdown"]
-    assert "| scored at |" in markdown and "| ttt_linear | 20w5s |" in markdown
+    assert "| scored at |" in markdown and "| ttt_readout | 20w5s |" in markdown
 
 
 def test_head_gain_scores_the_served_model(omniglot_root, tmp_path):

@@ -244,3 +244,42 @@ def save_figure(fig, path: Path | str, dpi: int = 110) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- comparisons
+THRESHOLDS = (0.95, 0.97, 0.98)  # validation accuracies whose training time a comparison reports
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def comparison_budget(meta: dict) -> str:
+    """The training budget of each model, in words."""
+    steps = meta.get("steps")
+    if steps is None:
+        return f"{meta['minutes']:g} min of training steps per model"
+    if set(steps) == {""}:
+        return f"{steps['']:,} training steps per model"
+    return "training steps " + ", ".join(f"{model or 'every other model'} {n:,}" for model, n in steps.items())
+
+
+def comparison_table(rows: list[dict], meta: dict, prov: dict) -> str:
+    """A comparison (scripts/compare.py's rows and meta) as docs/ show it: caption, then one row per model."""
+    at = any("scored_at" in r for r in rows)
+    ttt = None if at else next((r for r in rows if r["model"] == "ttt_linear"), None)  # the cost reference, if any
+    header = ["model", *(["scored at"] if at else []), "test acc % (95% CI)", "best val acc %", "test ms / episode",
+              *(["cost / TTT-Linear"] if ttt else []),
+              *(f"s to {t:.0%} val" for t in THRESHOLDS), "train s", "train steps", "train episodes", "params"]
+    cells = [[r["model"], *([r["scored_at"]] if at else []), f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}",
+              f"{100 * r['best_val_acc']:.2f}",
+              f"{r['test_ms_per_episode']:.1f}",
+              *([f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x"] if ttt else []),
+              *(_seconds(r["time_to"][f"{t:.0%}"]) for t in THRESHOLDS), f"{r['train_seconds']:.0f}",
+              r["train_steps"], f"{r['train_episodes']:,}", f"{r['params']:,}"] for r in rows]
+    caption = (f"{meta['dataset']} {meta['setting']}: {comparison_budget(meta)} "
+               f"({hardware_text(prov)}); test: the best-validated checkpoint on {meta['test_episodes']} fixed test "
+               f"episodes ({meta['queries']} queries per class), cost per episode in batches of "
+               f"{meta['eval_batch_size']}. Commit {str(prov['commit'])[:10]}{' (dirty)' if prov['dirty'] else ''}, "
+               f"{prov['date'][:10]}: `{prov['command']}`")
+    return f"{caption}\n\n{markdown_table(header, cells)}\n"
