@@ -1,12 +1,16 @@
-"""Write the README's result tables from results/*.json and checkpoints/omniglot/*.json (the only way they change).
+"""Write the generated parts of README.md and docs/*.md from results/*.json and the shipped checkpoints' reports
+(the only way they change).
 
-    python scripts/readme_tables.py            # rewrite every generated block of README.md
-    python scripts/readme_tables.py --check    # exit 1, naming the blocks, if README.md differs from the results
+    python scripts/docs.py            # rewrite every generated block
+    python scripts/docs.py --check    # change nothing; exit 1, naming the blocks, if a document differs
 
-A generated block is the text between a line ``<!-- results/NAME.json -->`` (or ``checkpoints/omniglot/NAME.json``,
-a shipped checkpoint's report) and the next ``<!-- end -->`` line: it
-is replaced by that file's "markdown" (the table its script rendered from the same data when it wrote it) and a
-line naming the file. tests/test_results.py checks that the committed README equals what this writes.
+A block is the text between a marker line and the next ``<!-- end -->`` line:
+- ``<!-- results/NAME.json -->``: that file's table, rendered as the script that wrote it renders it (``measure.comparison_table``
+  for compare.py's files, else the "markdown" it stored), a line naming it, and its figure results/NAME.png if any;
+- ``<!-- checkpoints -->``: one table of every shipped checkpoint's report (checkpoints/omniglot/*.json);
+- ``<!-- summary -->``: the README's summary, one row per learner a user would pick (SUMMARY) at the four Omniglot
+  settings, each cell a row of the equal-time comparisons, with the published Conv-4 numbers (PUBLISHED) beside them.
+tests/test_results.py checks that the committed documents equal what this writes.
 """
 
 from __future__ import annotations
@@ -17,39 +21,119 @@ import re
 import sys
 from pathlib import Path
 
+from ttt_meta.measure import comparison_table, markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"^<!-- ((?:results|checkpoints/omniglot)/[\w.-]+\.json) -->\n(.*?)^<!-- end -->$", re.M | re.S)
+DOCUMENTS = ("README.md", "docs/results.md", "docs/experiments.md", "checkpoints/README.md")
+BLOCK = re.compile(r"^<!-- (results/[\w.-]+\.json|summary|checkpoints) -->\n(.*?)^<!-- end -->$", re.M | re.S)
+SHIPPED = "checkpoints/omniglot"
+SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s")
+# learner -> {setting: (results file, row)}; the readout and ProtoNets
+# from the tables that give them equal training time by per-step costs measured in one process (each in the training
+# ways validation chose), the others from the comparisons of equal training minutes
+_PAIRED = {"5w1s": ("paired_omniglot_5w1s_readout_ways", "_w20"), "5w5s": ("paired_omniglot_5w5s_readout_ways", "_w20"),
+           "20w1s": ("paired_omniglot_20w1s_readout", ""), "20w5s": ("paired_omniglot_20w5s_readout", "")}
+_COMPARE = {s: f"compare_omniglot_{s}" for s in SETTINGS}
+SUMMARY = {
+    "TTT readout (`ttt_readout`)": {s: (f, "ttt_readout" + w) for s, (f, w) in _PAIRED.items()},
+    "ProtoNets (`protonet`)": {s: (f, "protonet" + w) for s, (f, w) in _PAIRED.items()},
+    "TTT-Linear RNN (`ttt_linear`)": {s: (f, "ttt_linear") for s, f in _COMPARE.items()},
+    "MAML, 10 test steps (`maml`)": {s: (f, "maml_10") for s, f in _COMPARE.items()},
+    "Meta-SGD (`metasgd`)": {"5w1s": (_COMPARE["5w1s"], "metasgd")},
+    "attention (`attention`)": {s: (_COMPARE[s], "attention") for s in ("5w1s", "5w5s")},
+    "LSTM (`lstm`)": {s: (f, "lstm") for s, f in _COMPARE.items()},
+}
+PUBLISHED = {"MAML (Finn et al. 2017)": ("98.7", "99.9", "95.8", "98.9"),
+             "ProtoNets (Snell et al. 2017)": ("98.8", "99.7", "96.0", "98.9"),
+             "Meta-SGD (Li et al. 2017)": ("99.5", "99.9", "95.9", "99.0"),
+             "SNAIL (Mishra et al. 2018)": ("99.07", "99.78", "97.64", "99.36"),
+             "MAML++ (Antoniou et al. 2019)": ("99.47", "99.85", "97.65", "99.33")}
 
 
-def generated(readme: str, root: Path = ROOT) -> str:
-    """`readme` with every generated block rewritten from its results file (relative to `root`)."""
+def load(name: str, root: Path) -> dict:
+    path = root / name
+    if not path.is_file():
+        raise SystemExit(f"error: a document cites {name}, which does not exist. Run the script that writes it, or "
+                         f"remove the block.")
+    return json.loads(path.read_text())
+
+
+def rendered(name: str, root: Path) -> str:
+    """The table of results file `name`: compare.py's rendered from its rows with today's layout, else as stored."""
+    result = load(name, root)
+    if result["provenance"]["command"].startswith("python scripts/compare.py"):
+        return comparison_table(result["rows"], result["meta"], result["provenance"])
+    return result["markdown"]
+
+
+def summary(root: Path) -> str:
+    """The README's summary table (SUMMARY, PUBLISHED) and the files its cells come from."""
+    header = ["learner", *SETTINGS, "sources"]
+    lines = []
+    for learner, cells in SUMMARY.items():
+        row = [learner]
+        for setting in SETTINGS:
+            if setting not in cells:
+                row.append("-")
+                continue
+            name, model = cells[setting]
+            found = [r for r in load(f"results/{name}.json", root)["rows"] if r["model"] == model]
+            if len(found) != 1:
+                raise SystemExit(f"error: results/{name}.json has {len(found)} rows of {model!r}; fix SUMMARY in "
+                                 f"scripts/docs.py")
+            row.append(f"{100 * found[0]['acc']:.2f} +- {100 * found[0]['ci95']:.2f}")
+        lines.append([*row, ", ".join(sorted({f"`{cells[s][0]}`" for s in cells}))])
+    lines += [[f"*published: {name}*", *(f"*{v}*" for v in values), "Conv-4, the paper's own protocol"]
+              for name, values in PUBLISHED.items()]
+    return (markdown_table(header, lines) + "\n\nTest accuracy % +- 95% interval on the same 600 fixed test episodes per "
+            "setting (15 queries per class). The TTT readout and ProtoNets have equal training time from per-step "
+            "costs measured in one process; the other rows had the same training minutes (15 at 5 ways, 20 at 20) in "
+            "other sessions. Full tables: [docs/results.md](docs/results.md).")
+
+
+def shipped(root: Path) -> str:
+    """One table of the shipped checkpoints: each report's own row (export_checkpoint.report_table)."""
+    reports = sorted((root / SHIPPED).glob("*.json"))
+    return ("| checkpoint | setting | test acc % (episodes) | check set acc % (episodes) | training |\n"
+            "| --- | --- | --- | --- | --- |\n" + "".join(json.loads(p.read_text())["markdown"] for p in reports))
+
+
+def generated(text: str, root: Path = ROOT, document: str = "README.md") -> str:
+    """`text` (of `document`, relative to `root`) with every generated block rewritten from the files under `root`."""
+    up = "../" * document.count("/")  # from the document's folder to the root
 
     def block(match: re.Match) -> str:
         name = match.group(1)
-        path = root / name
-        if not path.is_file():
-            raise SystemExit(f"error: README.md cites {name}, which does not exist. Run the script that writes it, "
-                             f"or remove the block.")
-        return f"<!-- {name} -->\n{json.loads(path.read_text())['markdown'].rstrip()}\n\n(`{name}`)\n<!-- end -->"
+        if name == "summary":
+            return f"<!-- summary -->\n{summary(root).rstrip()}\n<!-- end -->"
+        if name == "checkpoints":
+            return f"<!-- checkpoints -->\n{shipped(root).rstrip()}\n<!-- end -->"
+        figure = Path(name).with_suffix(".png")
+        shown = f"\n\n![{figure.stem}]({up}{figure})" if (root / figure).is_file() else ""
+        return f"<!-- {name} -->\n{rendered(name, root).rstrip()}\n\n(`{name}`){shown}\n<!-- end -->"
 
-    return BLOCK.sub(block, readme)
+    return BLOCK.sub(block, text)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if README.md is out of date")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a document is out of date")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the folder holding the documents and results/")
     args = parser.parse_args(argv)
-    text = args.readme.read_text()
-    new = generated(text, args.readme.parent)
-    if args.check:
-        stale = [m.group(1) for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new)) if m.group(0) != n.group(0)]
-        if stale:
-            print(f"README.md is out of date for {', '.join(stale)}: run python scripts/readme_tables.py")
-            return 1
-        return 0
-    args.readme.write_text(new)
-    print(f"{args.readme}: {len(BLOCK.findall(new))} generated blocks")
+    stale = []
+    for document in DOCUMENTS:
+        path = args.root / document
+        text = path.read_text()
+        new = generated(text, args.root, document)
+        if args.check:
+            stale += [f"{document}: {m.group(1)}" for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new))
+                      if m.group(0) != n.group(0)]
+        elif new != text:
+            path.write_text(new)
+            print(f"{document}: rewritten ({len(BLOCK.findall(new))} generated blocks)")
+    if stale:
+        print(f"out of date: {'; '.join(stale)}. Run python scripts/docs.py")
+        return 1
     return 0
 
 

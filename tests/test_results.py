@@ -1,5 +1,5 @@
-"""Every file in results/ (and every shipped checkpoint's report) carries its provenance, and the README's result tables are exactly what
-scripts/readme_tables.py generates from them."""
+"""Every file in results/ (and every shipped checkpoint's report) carries its provenance and is shown in docs/, and
+the generated parts of README.md and docs/ are exactly what scripts/docs.py writes from them."""
 
 import importlib.util
 import json
@@ -12,33 +12,51 @@ ROOT = Path(__file__).parents[1]
 RESULTS = sorted([*(ROOT / "results").glob("*.json"), *(ROOT / "checkpoints" / "omniglot").glob("*.json")])
 
 
-def readme_tables():
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "scripts" / "readme_tables.py")
+def docs_script():
+    spec = importlib.util.spec_from_file_location("docs", ROOT / "scripts" / "docs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_readme_tables_equal_what_the_results_generate():
-    readme = (ROOT / "README.md").read_text()
-    assert readme_tables().generated(readme) == readme, "README.md is stale: run python scripts/readme_tables.py"
+@pytest.mark.parametrize("document", docs_script().DOCUMENTS)
+def test_documents_equal_what_the_results_generate(document):
+    text = (ROOT / document).read_text()
+    assert docs_script().generated(text, ROOT, document) == text, f"{document} is stale: run python scripts/docs.py"
 
 
-def test_every_readme_block_cites_a_results_file_and_the_check_fails_when_stale(tmp_path):
-    tables = readme_tables()
+def test_every_result_and_figure_is_shown():
+    shown = "".join((ROOT / d).read_text() for d in docs_script().DOCUMENTS)
+    missing = [p.name for p in sorted((ROOT / "results").iterdir()) if p.name not in shown]
+    assert missing == [], "results shown in no document: cite them in docs/results.md or docs/experiments.md"
+
+
+def test_readme_is_a_guide():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 450
+
+
+def test_blocks_are_rewritten_and_the_check_fails_when_stale(tmp_path):
+    docs = docs_script()
     (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "x.json").write_text(json.dumps({"markdown": "| a |\n| --- |\n| 1 |\n"}))
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results/x.json -->\nold table\n<!-- end -->\nmore\n")
-    assert tables.main(["--readme", str(readme), "--check"]) == 1
-    assert tables.main(["--readme", str(readme)]) == 0
-    assert readme.read_text() == "intro\n<!-- results/x.json -->\n| a |\n| --- |\n| 1 |\n\n(`results/x.json`)\n<!-- end -->\nmore\n"
-    assert tables.main(["--readme", str(readme), "--check"]) == 0
-    (tmp_path / "results" / "x.json").write_text(json.dumps({"markdown": "| a |\n| --- |\n| 2 |\n"}))
-    assert tables.main(["--readme", str(readme), "--check"]) == 1
-    readme.write_text("<!-- results/missing.json -->\n<!-- end -->\n")
+    (tmp_path / "docs").mkdir()
+    prov = {"command": "python scripts/x.py"}
+    (tmp_path / "results" / "x.json").write_text(json.dumps({"provenance": prov, "markdown": "| a |\n| --- |\n| 1 |\n"}))
+    (tmp_path / "results" / "x.png").write_bytes(b"png")
+    for name in docs.DOCUMENTS:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("none\n")
+    page = tmp_path / "docs" / "results.md"
+    page.write_text("intro\n<!-- results/x.json -->\nold table\n<!-- end -->\nmore\n")
+    assert docs.main(["--root", str(tmp_path), "--check"]) == 1
+    assert docs.main(["--root", str(tmp_path)]) == 0
+    assert page.read_text() == ("intro\n<!-- results/x.json -->\n| a |\n| --- |\n| 1 |\n\n(`results/x.json`)\n\n"
+                                "![x](../results/x.png)\n<!-- end -->\nmore\n")
+    assert docs.main(["--root", str(tmp_path), "--check"]) == 0
+    (tmp_path / "results" / "x.json").write_text(json.dumps({"provenance": prov, "markdown": "| a |\n| --- |\n| 2 |\n"}))
+    assert docs.main(["--root", str(tmp_path), "--check"]) == 1
+    page.write_text("<!-- results/missing.json -->\n<!-- end -->\n")
     with pytest.raises(SystemExit, match="missing.json, which does not exist"):
-        tables.main(["--readme", str(readme)])
+        docs.main(["--root", str(tmp_path)])
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=[f"{p.parent.name}/{p.stem}" for p in RESULTS])
