@@ -284,11 +284,12 @@ def _two_nodes(folder: Path, args: list[str]) -> None:
             assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_nodes_fit_and_test(tmp_path):
+def test_two_nodes_fit_and_test(tmp_path, monkeypatch):
     """Each node's process trains on episodes of its own (no training batch on both), rank 0 alone writes the
-    run's one version, and the test counts each of the 11 test episodes once over the two nodes."""
+    run's one version, and the test counts each of the 11 test episodes once over the two nodes, with the accuracy
+    and interval one process reports for the same checkpoint (ProtoNets: episodes of different accuracies)."""
     log = '{"class_path": "episode_log.EpisodeLog"}'
-    common = ["--config", QUICK, *TINY, "--run_name=nodes"]
+    common = ["--config", str(CONFIGS / "omniglot" / "protonet_5w1s.yaml"), *OMNIGLOT_ON_SYNTHETIC, "--run_name=nodes"]
     _two_nodes(tmp_path, ["fit", *common, "--trainer.max_steps=3", f"--trainer.callbacks+={log}"])
     ranks = [json.loads((tmp_path / f"episodes_rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["global_rank"], r["node_rank"], r["world_size"]) for r in ranks] == [(0, 0, 2), (1, 1, 2)]
@@ -297,8 +298,12 @@ def test_two_nodes_fit_and_test(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints" / "nodes").iterdir()] == ["version_0"]
     assert [p.name for p in (tmp_path / "logs" / "nodes").iterdir()] == ["version_0"]
     _two_nodes(tmp_path, ["test", *common, "--ckpt_path", "checkpoints/nodes/version_0/last.ckpt"])
-    report = json.loads(next((tmp_path / "logs" / "nodes").glob("version_*/test_results.json")).read_text())
-    assert report["episodes"] == 11 and report["episodes_per_process"] == [6, 5]
+    monkeypatch.chdir(tmp_path)
+    main(["test", *common, "--ckpt_path", "checkpoints/nodes/version_0/last.ckpt"])  # one process
+    two, one = (json.loads((tmp_path / "logs" / "nodes" / f"version_{n}" / "test_results.json").read_text())
+                for n in (1, 2))
+    assert two["episodes"] == one["episodes"] == 11 and two["episodes_per_process"] == [6, 5] and one["ci95"] > 0.01
+    assert two["acc"] == pytest.approx(one["acc"], abs=1e-6) and two["ci95"] == pytest.approx(one["ci95"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- gpu_check.py
