@@ -31,4 +31,14 @@ def test_augment_jitter():
     centre = out[..., 2:6, 2:6]  # inside any crop of a padded 8x8 image
     brightness = centre.mean((1, 2, 3)) / x.float().mean()
     assert brightness.min() < 0.8 and brightness.max() > 1.2  # factors spread over [0.6, 1.4]
-    assert out.max() <= 255 and out.min() >= 0
+
+
+def test_augment_jitter_saturates_instead_of_wrapping():
+    """A bright pixel (250) brightened by a factor up to 1.4 stays at 255: uint8 arithmetic that wrapped around
+    would turn 250 * 1.3 = 325 into 69; darkened by at most 0.6 it stays at 150 or more."""
+    x = torch.full((64, 1, 8, 8), 250, dtype=torch.uint8)  # one channel, uniform: contrast leaves it as it is
+    centre = augment(x, torch.Generator().manual_seed(1))[..., 2:6, 2:6]
+    per_image = centre.flatten(1)
+    assert (per_image == per_image[:, :1]).all()  # uniform images stay uniform
+    values = per_image[:, 0]
+    assert (values == 255).sum() > 10 and values.min() >= 150, values.tolist()

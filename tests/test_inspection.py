@@ -126,3 +126,42 @@ def test_predict_errors(run, tmp_path):
     with pytest.raises(ValueError, match="cannot read image .*broken.png"):
         main(["predict", "--ckpt_path", ckpt, "--support", str(tmp_path / "ok" / "support"),
               "--query", str(tmp_path / "ok" / "query"), "--out", str(tmp_path / "c.csv")])
+
+
+def test_inner_loop_stats_equal_quantities_recomputed_from_one_batch():
+    """inner_loop_stats on one recorded forward: the supports' inner loss under W0 and under the end state (the end
+    state recomputed here with the primal form), their ratio after / before, eta's mean, min and max over the
+    writing tokens, and ||W_end - W0|| (mean over episodes), each recomputed from the layer's own input."""
+    from ttt_meta.learners import SequenceMetaLearner
+    from ttt_meta.measure import random_episodes
+    from ttt_meta.nn.ttt import ttt_linear
+
+    torch.manual_seed(0)
+    model = SequenceMetaLearner(width=16, depth=1, num_heads=2, encoder_channels=4, max_ways=5, mini_batch_size=4)
+    batch = random_episodes(3, 3, 2, 2, 28, channels=1, generator=torch.Generator().manual_seed(0))
+    (name, layer), = model.ttt_layers()
+    seen = []
+    layer.register_forward_hook(lambda module, args, out: seen.append(args))
+    model.record_inner_loop(True)
+    with torch.no_grad():
+        model(batch)
+        stats = {k.rsplit("/", 1)[1]: float(v) for k, v in model.inner_loop_stats().items()}
+        x, writers = seen[0]  # [B, T, width], 6 supports
+        q, k, v, eta = layer.views(x, writers)
+        W0, b0 = layer.W0.expand(3, *layer.W0.shape), layer.b0.expand(3, *layer.b0.shape)
+        _, W, b = ttt_linear(q, k, v, eta, W0, b0, layer.ln_weight, layer.ln_bias, 4, form="primal")
+
+        def loss(W, b):  # [B, H, T]: 0.5 ||k + LN(k W + b) - v||^2 per token
+            z = k @ W + b.unsqueeze(2)
+            ln = torch.nn.functional.layer_norm(z, z.shape[-1:], eps=1e-6) * layer.ln_weight[:, None] + layer.ln_bias[:, None]
+            return 0.5 * (k + ln - v).square().sum(-1)
+
+        before, after = loss(W0, b0)[..., :writers].mean(), loss(W, b)[..., :writers].mean()
+        change = ((W - W0).square().sum((1, 2, 3)) + (b - b0).square().sum((1, 2))).sqrt().mean()
+    assert writers == 6 and (eta[..., writers:] == 0).all() and after < before
+    want = {"inner_loss_before": before, "inner_loss_after": after, "inner_loss_ratio": after / before,
+            "eta_mean": eta[..., :writers].mean(), "eta_min": eta[..., :writers].min(),
+            "eta_max": eta[..., :writers].max(), "state_change": change}
+    assert set(stats) == set(want) and stats["eta_min"] < stats["eta_mean"] < stats["eta_max"]
+    for key, value in want.items():
+        assert stats[key] == pytest.approx(float(value), rel=1e-5), key

@@ -27,8 +27,20 @@ def test_shipped_checkpoint(ckpt, omniglot_root, tmp_path, monkeypatch):
 
 
 def test_predict_real_omniglot_files(omniglot_root, tmp_path):
-    """predict on the raw PNG files (dark strokes on white, 105 px) of 5 test characters: 1 shot, 5 queries each."""
+    """predict on the raw PNG files (dark strokes on white, 105 px) of 5 test characters, 1 shot and 5 queries each,
+    with the shipped 5w1s readout: the accuracy it scored when this test was written (25 of 25), probabilities that
+    are the softmax of the logits of the model built from its config, and the same predictions and probabilities
+    from the same images inverted (bright strokes on black, as Omniglot is read)."""
+    import csv
     import shutil
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ttt_meta.checkpointing import check_checkpoint
+    from ttt_meta.predict import episode
+    from ttt_meta.runs import build
 
     names = json.loads((ROOT / "ttt_meta" / "data" / "omniglot_split.json").read_text())["test"][:5]
     base = omniglot_root / "omniglot" / "omniglot-py"
@@ -37,11 +49,27 @@ def test_predict_real_omniglot_files(omniglot_root, tmp_path):
         files = sorted(folder.glob("*.png"))
         label = name.replace("/", "_")
         for split, chosen in (("support", files[:1]), ("query", files[1:6])):
-            (tmp_path / split / label).mkdir(parents=True)
+            for style in ("plain", "inverted"):
+                (tmp_path / style / split / label).mkdir(parents=True)
             for f in chosen:
-                shutil.copy(f, tmp_path / split / label / f.name)
-    result = main(["predict", "--ckpt_path", str(ROOT / "checkpoints" / "omniglot" / "ttt_linear_5w1s.ckpt"),
-                   "--support", str(tmp_path / "support"), "--query", str(tmp_path / "query"),
-                   "--out", str(tmp_path / "p.csv")])
-    assert result["queries"] == 25 and result["acc"] >= 0.8, result
+                shutil.copy(f, tmp_path / "plain" / split / label / f.name)
+                pixels = 255 - np.asarray(Image.open(f).convert("L"))
+                Image.fromarray(pixels).save(tmp_path / "inverted" / split / label / f.name)
+    ckpt = ROOT / "checkpoints" / "omniglot" / "ttt_readout_5w1s.ckpt"
+    rows = {}
+    for style in ("plain", "inverted"):
+        result = main(["predict", "--ckpt_path", str(ckpt), "--support", str(tmp_path / style / "support"),
+                       "--query", str(tmp_path / style / "query"), "--out", str(tmp_path / f"{style}.csv")])
+        assert result["queries"] == 25 and result["acc"] == 1.0, result
+        with (tmp_path / f"{style}.csv").open() as f:
+            rows[style] = [row[1:] for row in csv.reader(f)]  # predicted class and probabilities, not the file
+    assert rows["plain"] == rows["inverted"]
 
+    report = json.loads(ckpt.with_suffix(".json").read_text())
+    model = build(ROOT / report["config"], report["overrides"]).model
+    model.load_state_dict(check_checkpoint(ckpt, model)["state_dict"])
+    batch = episode(model.eval(), tmp_path / "plain" / "support", tmp_path / "plain" / "query")[0]
+    with torch.inference_mode():
+        probs = model(batch).softmax(-1)[0]  # [25, 5]
+    written = torch.tensor([[float(x) for x in row[1:]] for row in rows["plain"][1:]])
+    torch.testing.assert_close(written, probs, atol=5e-5, rtol=0)  # the CSV's 4 decimals

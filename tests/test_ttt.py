@@ -1,9 +1,13 @@
 """TTT layers: the dual form equals the primal reference, and both equal plain gradient descent on the inner loss."""
 
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ttt_meta.nn import ttt
 from ttt_meta.nn.ttt import TTTLinear, TTTMLP, ttt_linear, ttt_mlp
 
 B, H, D = 2, 3, 4
@@ -210,10 +214,15 @@ def test_recorded_inner_loss_matches_the_update(cls):
     assert after < before
 
 
+@pytest.mark.skipif(not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
+                    reason="form=compiled needs a C++ compiler on CPU (without one it runs the dual form: "
+                           "tests/test_devices.py checks that fallback and its notice)")
 @pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
 def test_compiled_form_equals_dual(cls):
-    """The compiled form is the dual form through torch.compile: same outputs and gradients, in training and
-    under inference_mode, with read-only tokens and a ragged last mini-batch."""
+    """The compiled form is the dual form through torch.compile (a compiled step was built: not the fallback): same
+    outputs and gradients, in training and under inference_mode, with read-only tokens and a ragged last
+    mini-batch."""
+    ttt._compiled.cache_clear()
     torch.manual_seed(0)
     dual = cls(16, 2, mini_batch_size=4).double()
     compiled = cls(16, 2, mini_batch_size=4, form="compiled").double()
@@ -230,6 +239,7 @@ def test_compiled_form_equals_dual(cls):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x, writers), dual(x, writers), rtol=1e-10, atol=1e-10)
+    assert ttt._compiled.cache_info().currsize == 1  # the scan step went through torch.compile
 
 
 @pytest.mark.parametrize("cls", [TTTLinear, TTTMLP])
@@ -258,7 +268,6 @@ def test_inner_loop_stays_float32_under_autocast(cls):
 def test_grouped_scan_equals_one_mini_batch_per_call(kind):
     """The compiled form's scan takes G mini-batches per call and pads the last group with eta-0 tokens: with
     G = 3 over 7 mini-batches (3 groups, 2 padding mini-batches) it equals the scan that takes one per call."""
-    from ttt_meta.nn import ttt
 
     (q, k, v, eta), ln, lin, mlp = _inputs(T=30, seed=6)
     eta[:, :, 27:] = 0  # trailing read-only tokens, read after the scan
