@@ -88,7 +88,8 @@ def summary(root: Path) -> str:
     return (markdown_table(header, lines) + "\n\nTest accuracy % +- 95% interval on the same 600 fixed test episodes per "
             "setting (15 queries per class). The TTT readout and ProtoNets have equal training time from per-step "
             "costs measured in one process; the other rows had the same training minutes (15 at 5 ways, 20 at 20) in "
-            "other sessions. Full tables: [docs/results.md](docs/results.md).")
+            "other sessions, and parts of their training ran on trees that differed from the commits they record (their "
+            "files' training segments say which); they are to be re-run. Full tables: [docs/results.md](docs/results.md).")
 
 
 def shipped(root: Path) -> str:
