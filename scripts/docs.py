@@ -28,9 +28,9 @@ DOCUMENTS = ("README.md", "docs/results.md", "docs/experiments.md", "checkpoints
 BLOCK = re.compile(r"^<!-- (results/[\w.-]+\.json|summary|checkpoints) -->\n(.*?)^<!-- end -->$", re.M | re.S)
 SHIPPED = "checkpoints/omniglot"
 SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s")
-# learner -> {setting: (results file, row)}; the readout and ProtoNets
-# from the tables that give them equal training time by per-step costs measured in one process (each in the training
-# ways validation chose), the others from the comparisons of equal training minutes
+# learner -> {setting: (results file, row)}: the readout and ProtoNets from the tables that give them equal training
+# time by per-step costs measured in one process (each in the training ways validation chose), the others from the
+# comparisons of equal training minutes
 _PAIRED = {"5w1s": ("paired_omniglot_5w1s_readout_ways", "_w20"), "5w5s": ("paired_omniglot_5w5s_readout_ways", "_w20"),
            "20w1s": ("paired_omniglot_20w1s_readout", ""), "20w5s": ("paired_omniglot_20w5s_readout", "")}
 _COMPARE = {s: f"compare_omniglot_{s}" for s in SETTINGS}
@@ -67,9 +67,11 @@ def rendered(name: str, root: Path) -> str:
 
 
 def summary(root: Path) -> str:
-    """The README's summary table (SUMMARY, PUBLISHED) and the files its cells come from."""
+    """The README's summary table (SUMMARY, PUBLISHED), the files its cells come from, and a caption whose numbers
+    (test episodes, queries, the equal-minute budgets) are those files'."""
+    files = {name: load(f"results/{name}.json", root) for cells in SUMMARY.values() for name, _ in cells.values()}
     header = ["learner", *SETTINGS, "sources"]
-    lines = []
+    lines, scored = [], set()
     for learner, cells in SUMMARY.items():
         row = [learner]
         for setting in SETTINGS:
@@ -77,19 +79,23 @@ def summary(root: Path) -> str:
                 row.append("-")
                 continue
             name, model = cells[setting]
-            found = [r for r in load(f"results/{name}.json", root)["rows"] if r["model"] == model]
+            found = [r for r in files[name]["rows"] if r["model"] == model]
             if len(found) != 1:
                 raise SystemExit(f"error: results/{name}.json has {len(found)} rows of {model!r}; fix SUMMARY in "
                                  f"scripts/docs.py")
             row.append(f"{100 * found[0]['acc']:.2f} +- {100 * found[0]['ci95']:.2f}")
+            scored.add((found[0]["episodes"], files[name]["meta"]["queries"]))
         lines.append([*row, ", ".join(sorted({f"`{cells[s][0]}`" for s in cells}))])
     lines += [[f"*published: {name}*", *(f"*{v}*" for v in values), "Conv-4, the paper's own protocol"]
               for name, values in PUBLISHED.items()]
-    return (markdown_table(header, lines) + "\n\nTest accuracy % +- 95% interval on the same 600 fixed test episodes per "
-            "setting (15 queries per class). The TTT readout and ProtoNets have equal training time from per-step "
-            "costs measured in one process; the other rows had the same training minutes (15 at 5 ways, 20 at 20) in "
-            "other sessions, and parts of their training ran on trees that differed from the commits they record (their "
-            "files' training segments say which); they are to be re-run. Full tables: [docs/results.md](docs/results.md).")
+    (episodes, queries), = scored  # every cell on the same number of episodes and queries
+    minutes = ", ".join(f"{files[_COMPARE[s]]['meta']['minutes']:g} at {s}" for s in SETTINGS)
+    return (markdown_table(header, lines) + f"\n\nTest accuracy % +- 95% interval on the same {episodes} fixed test "
+            f"episodes per setting ({queries} queries per class). The TTT readout and ProtoNets have equal training "
+            f"time from per-step costs measured in one process; the other rows had the same training minutes ({minutes}) "
+            "in other sessions, and parts of their training ran on trees that differed from the commits they record "
+            "(their files' training segments say which); they are to be re-run. Full tables: "
+            "[docs/results.md](docs/results.md).")
 
 
 def shipped(root: Path) -> str:
