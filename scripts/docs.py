@@ -28,20 +28,13 @@ DOCUMENTS = ("README.md", "docs/results.md", "docs/experiments.md", "checkpoints
 BLOCK = re.compile(r"^<!-- (results/[\w.-]+\.json|summary|checkpoints) -->\n(.*?)^<!-- end -->$", re.M | re.S)
 SHIPPED = "checkpoints/omniglot"
 SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s")
-# learner -> {setting: (results file, row)}: the readout and ProtoNets from the tables that give them equal training
-# time by per-step costs measured in one process (each in the training ways validation chose), the others from the
-# comparisons of equal training minutes
+# learner -> {setting: (results file, row)}: rows of the tables that give each model equal training time by per-step
+# costs measured in one process, each learner in the training ways validation chose
 _PAIRED = {"5w1s": ("paired_omniglot_5w1s_readout_ways", "_w20"), "5w5s": ("paired_omniglot_5w5s_readout_ways", "_w20"),
            "20w1s": ("paired_omniglot_20w1s_readout", ""), "20w5s": ("paired_omniglot_20w5s_readout", "")}
-_COMPARE = {s: f"compare_omniglot_{s}" for s in SETTINGS}
 SUMMARY = {
     "TTT readout (`ttt_readout`)": {s: (f, "ttt_readout" + w) for s, (f, w) in _PAIRED.items()},
     "ProtoNets (`protonet`)": {s: (f, "protonet" + w) for s, (f, w) in _PAIRED.items()},
-    "TTT-Linear RNN (`ttt_linear`)": {s: (f, "ttt_linear") for s, f in _COMPARE.items()},
-    "MAML, 10 test steps (`maml`)": {s: (f, "maml_10") for s, f in _COMPARE.items()},
-    "Meta-SGD (`metasgd`)": {"5w1s": (_COMPARE["5w1s"], "metasgd")},
-    "attention (`attention`)": {s: (_COMPARE[s], "attention") for s in ("5w1s", "5w5s")},
-    "LSTM (`lstm`)": {s: (f, "lstm") for s, f in _COMPARE.items()},
 }
 PUBLISHED = {"MAML (Finn et al. 2017)": ("98.7", "99.9", "95.8", "98.9"),
              "ProtoNets (Snell et al. 2017)": ("98.8", "99.7", "96.0", "98.9"),
@@ -68,7 +61,7 @@ def rendered(name: str, root: Path) -> str:
 
 def summary(root: Path) -> str:
     """The README's summary table (SUMMARY, PUBLISHED), the files its cells come from, and a caption whose numbers
-    (test episodes, queries, the equal-minute budgets) are those files'."""
+    (test episodes, queries) are those files'."""
     files = {name: load(f"results/{name}.json", root) for cells in SUMMARY.values() for name, _ in cells.values()}
     header = ["learner", *SETTINGS, "sources"]
     lines, scored = [], set()
@@ -89,13 +82,9 @@ def summary(root: Path) -> str:
     lines += [[f"*published: {name}*", *(f"*{v}*" for v in values), "Conv-4, the paper's own protocol"]
               for name, values in PUBLISHED.items()]
     (episodes, queries), = scored  # every cell on the same number of episodes and queries
-    minutes = ", ".join(f"{files[_COMPARE[s]]['meta']['minutes']:g} at {s}" for s in SETTINGS)
     return (markdown_table(header, lines) + f"\n\nTest accuracy % +- 95% interval on the same {episodes} fixed test "
-            f"episodes per setting ({queries} queries per class). The TTT readout and ProtoNets have equal training "
-            f"time from per-step costs measured in one process; the other rows had the same training minutes ({minutes}) "
-            "in other sessions, and parts of their training ran on trees that differed from the commits they record "
-            "(their files' training segments say which); they are to be re-run. Full tables: "
-            "[docs/results.md](docs/results.md).")
+            f"episodes per setting ({queries} queries per class), each pair at equal training time from per-step "
+            "costs measured in one process. Full tables: [docs/results.md](docs/results.md).")
 
 
 def shipped(root: Path) -> str:

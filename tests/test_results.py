@@ -60,11 +60,29 @@ def test_blocks_are_rewritten_and_the_check_fails_when_stale(tmp_path):
         docs.main(["--root", str(tmp_path)])
 
 
+def dirty_parts(value, where: str = "") -> list[str]:
+    """Where `value` (a results file's JSON) records a tree that differed from its commit: any "dirty": true."""
+    if isinstance(value, dict):
+        return [where or "/"] * (value.get("dirty") is True) + [
+            d for k, v in value.items() for d in dirty_parts(v, f"{where}/{k}")]
+    if isinstance(value, list):
+        return [d for i, v in enumerate(value) for d in dirty_parts(v, f"{where}/{i}")]
+    return []
+
+
+def test_dirty_parts_are_found_at_any_depth():
+    clean = {"provenance": {"dirty": False}, "rows": [{"training": [{"dirty": False}]}]}
+    assert dirty_parts(clean) == []
+    assert dirty_parts({"provenance": {"dirty": True}, "rows": [{"training": [{}, {"dirty": True}]}]}) == [
+        "/provenance", "/rows/0/training/1"]
+
+
 @pytest.mark.parametrize("path", RESULTS, ids=[f"{p.parent.name}/{p.stem}" for p in RESULTS])
 def test_every_result_says_what_produced_it(path):
     result = json.loads(path.read_text())
     prov = result["provenance"]
-    assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and isinstance(prov["dirty"], bool)
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and prov["dirty"] is False
+    assert dirty_parts(result) == [], "measured on a tree that differed from its commit: re-run it from a clean commit"
     script = prov["command"].split()[1]
     assert prov["command"].startswith("python scripts/") and (ROOT / script).is_file(), prov["command"]
     assert re.match(r"\d{4}-\d\d-\d\dT", prov["date"]) and prov["torch"] and prov["python"]
