@@ -1,19 +1,36 @@
-"""TTTReadoutLearner: the encoder's features classified by a TTT layer whose inner model is the classifier.
+"""TTTReadoutLearner: TTT layers over the episode, the last of which is the classifier.
 
     e         = encoder(image)                                     [B, T, F]   T = N*K + N*Q, supports first
-    h         = e theta                                            theta [F, F], the identity at initialisation
-    k_j, q    = unit(h - mu)                                       mu = mean of the supports' h   (per episode)
-    eta_j     = eta_base * sigmoid(gate(h_j - mu)) / K              each class's K supports share eta_base at most
+    x         = e theta                                            theta [F, F], the identity at initialisation
+    x         = x + C_l(LN(x) (+ s * code[y] at supports))          l = 1 .. context_layers     (context layers)
+    h         = x - mu ;  k_j, q = unit(h)                          mu = mean of the supports' h   (per episode)
+    eta_j     = eta_base * sigmoid(gate(h_j)) / K                   each class's K supports share eta_base at most
     logits    = scale * ttt_readout(q, k, onehot(y), eta, inner_epochs)                          [B, N*Q, N]
 
-``ttt_readout`` (``ttt_meta.nn.ttt``) trains a linear map W [F, N] from 0 on the supports by inner_epochs batch
-gradient steps of sum_j eta_j 0.5 ||k_j W - y_j||^2 inside the forward, and the queries read it. At one step and
-initialisation it is a cosine prototype classifier; the outer loop learns the encoder, theta, the inner learning
-rates and the scale. No parameter belongs to a class, so one model serves any number of ways and shots.
+A context layer C_l is a TTT layer (TTT-Linear or TTT-MLP, ``ttt_meta.nn.ttt``) over the episode: its inner model
+is trained on the supports, read inner_epochs times in a row, by one gradient step per context_mini_batch
+consecutive tokens of that stream (0: one step per pass over all supports); then every token, support and query
+alike, reads the end state. So a query depends on the supports and itself alone, and a support on all supports
+(set-to-set adaptation of the features, as FEAT's). It runs as one TTT sequence: the supports once per pass as
+writers, then every token as a reader:
+
+    C_l(x) = TTT([x_S (+ s * code[y]), ..., x_S (+ s * code[y]), x_S, x_Q], writers = inner_epochs * N*K)[readers]
+
+Its output projection starts at 0, so at initialisation the learner is the readout alone. With context_labels
+the writing supports carry their label: a fixed simplex code (``ttt_meta.nn.model.simplex_frame``, CAML's
+equiangular codes) scaled by a learned s; the readers carry features only.
+
+The last layer, ``ttt_readout``, trains a linear map W [F, N] from 0 on the supports by inner_epochs batch gradient
+steps of sum_j eta_j 0.5 ||k_j W - y_j||^2 inside the forward, and the queries read it. At one step it is a cosine
+prototype classifier with learned support weights. With learned_w0 its targets are the episode's simplex codes
+[N, F] instead of one-hot labels, W [F, F] starts from a learned class-agnostic W0, and logits are (q W) . code_n
+/ F. No parameter belongs to a class, so one model serves any number of ways and shots (up to F + 1 ways with
+codes).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,22 +39,65 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..nn.encoders import make_encoder
-from ..nn.ttt import ttt_readout
+from ..nn.model import simplex_frame
+from ..nn.ttt import TTTLayer, TTTLinear, TTTMLP, ttt_readout_state
 from .base import EpisodicLearner
 from .protonet import prototype_logits
 
+CONTEXT_CORES = {"ttt_linear": TTTLinear, "ttt_mlp": TTTMLP}
+
+
+@functools.cache
+def _codes(ways: int, width: int) -> Tensor:
+    """The simplex codes [ways, width] of an episode's classes (CPU; the same for every model)."""
+    return simplex_frame(ways, width)
+
+
+class ContextLayer(nn.Module):
+    """x + TTT(LN(x)) with every token reading the state the supports wrote (module docstring)."""
+
+    def __init__(self, core: str, width: int, num_heads: int, mini_batch_size: int, labels: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        # mini_batch_size 0: all supports in one batch (set per forward)
+        self.ttt = CONTEXT_CORES[core](width, num_heads, mini_batch_size=max(mini_batch_size, 1))
+        self.all_supports = mini_batch_size == 0
+        nn.init.zeros_(self.ttt.theta_o.weight)  # the identity at initialisation
+        self.label_scale = nn.Parameter(torch.tensor(1.0)) if labels else None
+
+    def forward(self, x: Tensor, labels: Tensor, ways: int, shots: int, epochs: int) -> Tensor:
+        """x [B, T, F] (supports first), labels [B, NK] -> [B, T, F]."""
+        NK = labels.shape[1]
+        y = self.norm(x)
+        writers = y[:, :NK]
+        if self.label_scale is not None:
+            writers = writers + self.label_scale * _codes(ways, x.shape[-1]).to(x)[labels]
+        sequence = torch.cat([writers] * epochs + [y], dim=1)
+        out = self.ttt(sequence, writers=epochs * NK, eta_scale=1 / shots,
+                       mini_batch_size=NK if self.all_supports else None)
+        return x + out[:, epochs * NK:]
+
 
 class TTTReadoutLearner(EpisodicLearner):
-    """Conv encoder, then the TTT readout (module docstring).
+    """Conv encoder, context_layers TTT layers over the episode, then the TTT readout (module docstring).
 
     Args:
-        inner_epochs: batch gradient steps of the inner model over the supports (1: linear attention).
-        eta_base: the largest inner learning rate a class's supports take together.
+        inner_epochs: passes of every TTT layer's inner model over the supports (the readout's: batch gradient
+            steps; 1: linear attention).
+        eta_base: the largest inner learning rate a class's supports take together in the readout.
+        context_layers: TTT layers over the episode before the readout (0: the readout alone).
+        context_core: "ttt_linear" or "ttt_mlp", the context layers' inner model.
+        context_heads: heads of the context layers (the feature width must divide by it).
+        context_mini_batch: supports per inner mini-batch of the context layers; 0: all supports at once.
+        context_labels: the writing supports carry their label's simplex code in the context layers.
+        learned_w0: the readout's targets are simplex label codes and its initial state W0 is learned.
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
         lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
-    def __init__(self, inner_epochs: int = 1, eta_base: float = 1.0, encoder: str = "conv4",
+    def __init__(self, inner_epochs: int = 1, eta_base: float = 1.0, context_layers: int = 0,
+                 context_core: str = "ttt_linear", context_heads: int = 4, context_mini_batch: int = 0,
+                 context_labels: bool = False, learned_w0: bool = False, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
@@ -47,14 +107,32 @@ class TTTReadoutLearner(EpisodicLearner):
         if eta_base <= 0:
             raise UserError(f"eta_base must be > 0, got {eta_base}. Set model.init_args.eta_base to a positive "
                             f"number")
+        for name, value in (("context_layers", context_layers), ("context_mini_batch", context_mini_batch)):
+            if value < 0:
+                raise UserError(f"{name} must be >= 0, got {value}. Set model.init_args.{name} to 0 or more")
+        if context_core not in CONTEXT_CORES:
+            raise UserError(f"unknown context_core {context_core!r}. Set model.init_args.context_core to one of "
+                            f"{list(CONTEXT_CORES)}")
         self.encoder = make_encoder(encoder, in_channels, encoder_channels, image_size)
         features = self.encoder.out_features
         self.theta = nn.Linear(features, features, bias=False)
         nn.init.eye_(self.theta.weight)
+        self.context = nn.ModuleList(ContextLayer(context_core, features, context_heads, context_mini_batch,
+                                                  context_labels) for _ in range(context_layers))
         self.gate = nn.Linear(features, 1)
         nn.init.normal_(self.gate.weight, std=0.02)
         nn.init.zeros_(self.gate.bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.W0 = nn.Parameter(torch.zeros(features, features)) if learned_w0 else None
+        self.recording, self.last_record = False, None
+
+    def ways_served(self) -> tuple[int, int | None]:
+        """Any number of ways; with label codes (context_labels, learned_w0) up to the feature width + 1."""
+        codes = self.hparams.context_labels and self.hparams.context_layers or self.hparams.learned_w0
+        return 2, self.encoder.out_features + 1 if codes else None
+
+    def ttt_layers(self) -> list[tuple[str, TTTLayer]]:
+        return [(f"context.{i}", layer.ttt) for i, layer in enumerate(self.context)]
 
     def forward(self, batch: dict) -> Tensor:
         return self.logit_terms(batch)[0]
@@ -65,13 +143,50 @@ class TTTReadoutLearner(EpisodicLearner):
         support, query, labels, ways = (self.images(batch["support"]), self.images(batch["query"]),
                                         batch["support_labels"], batch["ways"])
         B, NK, NQ = support.shape[0], support.shape[1], query.shape[1]
+        epochs = self.hparams.inner_epochs
         e = self.encoder(torch.cat([support, query], 1).flatten(0, 1)).view(B, NK + NQ, -1)
-        h = self.theta(e)
-        with torch.autocast(h.device.type, enabled=False):  # the inner loop in full precision
-            h = h.float()
+        x = self.theta(e)
+        for layer in self.context:
+            x = layer(x, labels, ways, NK // ways, epochs)
+        with torch.autocast(x.device.type, enabled=False):  # the inner loop in full precision
+            h = x.float()
             h = h - h[:, :NK].mean(1, keepdim=True)
             keys = F.normalize(h, dim=-1)
             eta = self.hparams.eta_base * torch.sigmoid(self.gate(h[:, :NK])).squeeze(-1) * ways / NK  # [B, NK]
-            y = F.one_hot(labels, ways).float()  # [B, NK, N]
-            logits = self.log_scale.exp() * ttt_readout(keys[:, NK:], keys[:, :NK], y, eta, self.hparams.inner_epochs)
+            if self.W0 is None:
+                y, W0 = F.one_hot(labels, ways).float(), None  # [B, NK, N]
+            else:
+                codes = _codes(ways, h.shape[-1]).to(h)  # [N, F]
+                y, W0 = codes[labels], self.W0
+            W = ttt_readout_state(keys[:, :NK], y, eta, epochs, W0)  # [B, F, N] or [B, F, F]
+            logits = keys[:, NK:] @ W
+            if self.W0 is not None:
+                logits = logits @ codes.T / h.shape[-1]
+            logits = self.log_scale.exp() * logits
+        if self.recording:
+            self.last_record = {"k": keys[:, :NK].detach(), "y": y.detach(), "eta": eta.detach(),
+                                "start": (torch.zeros_like(W) if W0 is None else W0.expand_as(W)).detach(),
+                                "end": W.detach()}
         return logits, prototype_logits(e[:, :NK], labels, e[:, NK:], ways) if prototype else None
+
+    def record_inner_loop(self, on: bool) -> None:
+        self.recording, self.last_record = on, None
+        for _, layer in self.ttt_layers():
+            layer.record, layer.last_record = on, None
+
+    @torch.no_grad()
+    def inner_loop_stats(self) -> dict[str, Tensor]:
+        """Per context layer (``TTTLayer.recorded_stats``) and for the readout: the supports' inner loss
+        0.5 ||k_j W - y_j||^2 under W0 and under W_end (and after / before), their inner learning rates (mean, min,
+        max) and ||W_end - W0|| (mean over episodes), tagged ttt/<layer>/<quantity>."""
+        stats = {f"ttt/{name}/{key}": value for name, layer in self.ttt_layers()
+                 for key, value in layer.recorded_stats().items()}
+        r = self.last_record
+        if r is not None:
+            loss = lambda W: 0.5 * (r["k"] @ W - r["y"]).square().sum(-1).mean()  # noqa: E731
+            before, after = loss(r["start"]), loss(r["end"])
+            stats.update({"ttt/readout/inner_loss_before": before, "ttt/readout/inner_loss_after": after,
+                          "ttt/readout/inner_loss_ratio": after / before, "ttt/readout/eta_mean": r["eta"].mean(),
+                          "ttt/readout/eta_min": r["eta"].min(), "ttt/readout/eta_max": r["eta"].max(),
+                          "ttt/readout/state_change": (r["end"] - r["start"]).flatten(1).norm(dim=1).mean()})
+        return stats

@@ -87,22 +87,7 @@ class SequenceMetaLearner(EpisodicLearner):
                 curves[name.removeprefix("model.")] = (before, after)
         return curves
 
-    @torch.no_grad()
     def inner_loop_stats(self) -> dict[str, Tensor]:
-        """Per TTT layer: inner loss of the support tokens under W0 and under the final state (and their ratio),
-        the inner learning rate of the writing tokens (mean, min, max), and ||W_end - W0|| (mean over episodes)."""
-        stats = {}
-        for name, layer in self.ttt_layers():
-            r = layer.last_record
-            if r is None:
-                continue
-            tag, writes = f"ttt/{name.removeprefix('model.')}", r["eta"] > 0
-            before = layer.inner_loss(r["k"], r["v"], r["start"])[writes].mean()
-            after = layer.inner_loss(r["k"], r["v"], r["end"])[writes].mean()
-            eta = r["eta"][writes]
-            change = sum((e - s).square().flatten(1).sum(1) for s, e in zip(r["start"], r["end"], strict=True))
-            stats.update({f"{tag}/inner_loss_before": before, f"{tag}/inner_loss_after": after,
-                          f"{tag}/inner_loss_ratio": after / before, f"{tag}/eta_mean": eta.mean(),
-                          f"{tag}/eta_min": eta.min(), f"{tag}/eta_max": eta.max(),
-                          f"{tag}/state_change": change.sqrt().mean()})
-        return stats
+        """Per TTT layer (``TTTLayer.recorded_stats``), tagged ttt/<layer>/<quantity>."""
+        return {f"ttt/{name.removeprefix('model.')}/{key}": value for name, layer in self.ttt_layers()
+                for key, value in layer.recorded_stats().items()}

@@ -39,6 +39,8 @@ supports (one mini-batch, ``epochs`` passes) from W_0 = 0, and read by the queri
     W_{e+1}  = W_e - sum_j eta_j k_j^T (k_j W_e - y_j)           e = 0 .. epochs - 1
     logits_q = q W_epochs                                        [N]
 
+(or targets y_j a label code [C] and a learned class-agnostic W_0 [D, C]; ``ttt_meta.learners.readout``).
+
 After one pass ``logits_q[n] = sum_{j in class n} eta_j q . k_j``: linear attention over the supports (Sun et al.,
 Theorem 1), with unit keys and equal eta a cosine prototype classifier; each further pass is a delta-rule
 correction towards the least-squares fit of the labels, so a support the model already explains adds less.
@@ -318,14 +320,20 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m, n, chunks=_mlp_chunks, group=
 
 
 # ----------------------------------------------------------------------------------------------- TTT readout
-def ttt_readout(q: Tensor, k: Tensor, y: Tensor, eta: Tensor, epochs: int) -> Tensor:
-    """The TTT readout (module docstring): q [B, NQ, D], k [B, NK, D], y [B, NK, N] (one-hot), eta [B, NK] ->
-    logits [B, NQ, N] = q W_epochs, W_0 = 0, by `epochs` batch gradient steps on sum_j eta_j 0.5 ||k_j W - y_j||^2."""
+def ttt_readout(q: Tensor, k: Tensor, y: Tensor, eta: Tensor, epochs: int, W0: Tensor | None = None) -> Tensor:
+    """The TTT readout (module docstring): q [B, NQ, D], k [B, NK, D], targets y [B, NK, C] (one-hot, C = N, or
+    label codes), eta [B, NK], W0 [D, C] or None (0) -> logits q W_epochs [B, NQ, C]."""
+    return q @ ttt_readout_state(k, y, eta, epochs, W0)
+
+
+def ttt_readout_state(k: Tensor, y: Tensor, eta: Tensor, epochs: int, W0: Tensor | None = None) -> Tensor:
+    """W_epochs [B, D, C] of `ttt_readout`: `epochs` batch gradient steps on sum_j eta_j 0.5 ||k_j W - y_j||^2
+    from W0 (None: 0)."""
     weighted_kT = (eta.unsqueeze(-1) * k).transpose(1, 2)  # [B, D, NK]: (eta * k)^T, the same at every step
-    W = weighted_kT @ y  # [B, D, N]: the first step from W_0 = 0
+    W = weighted_kT @ y if W0 is None else W0 - weighted_kT @ (k @ W0 - y)  # the first step
     for _ in range(epochs - 1):
         W = W - weighted_kT @ (k @ W - y)
-    return q @ W
+    return W
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -373,11 +381,12 @@ class TTTLayer(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def views(self, x: Tensor, writers: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def views(self, x: Tensor, writers: int | None = None, eta_scale: float = 1.0
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(q, k, v [B, H, T, D], eta [B, H, T]); eta is 0 from token `writers` on."""
         k, v = self.theta_kv(x).chunk(2, dim=-1)
         q = k if self.theta_q is None else self.theta_q(x)
-        eta = self.eta_base / self.head_dim * torch.sigmoid(self.eta_gate(x)).transpose(1, 2)
+        eta = eta_scale * self.eta_base / self.head_dim * torch.sigmoid(self.eta_gate(x)).transpose(1, 2)
         if writers is not None:
             eta = eta * (torch.arange(x.shape[1], device=x.device) < writers).to(eta.dtype)
         return self._heads(q), self._heads(k), self._heads(v), eta
@@ -394,17 +403,39 @@ class TTTLayer(nn.Module):
         y = _ln(self.f_res(k, state), self.ln_weight.unsqueeze(1), self.ln_bias.unsqueeze(1))
         return 0.5 * (k + y - v).square().sum(-1)
 
-    def inner(self, q, k, v, eta, state, writers: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """Run the inner model from `state` (eta 0 from token `writers` on): (z [B, H, T, D], end state)."""
+    def inner(self, q, k, v, eta, state, writers: int | None, mini_batch_size: int
+              ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Run the inner model from `state` in mini-batches of `mini_batch_size` tokens (eta 0 from token `writers`
+        on): (z [B, H, T, D], end state)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, writers: int | None = None) -> Tensor:
+    @torch.no_grad()
+    def recorded_stats(self) -> dict[str, Tensor]:
+        """From the last recorded forward: the writing tokens' inner loss under the initial and under the end state
+        (and after / before), their inner learning rate (mean, min, max), ||end - initial state|| (mean over the
+        batch). Empty without a record."""
+        r = self.last_record
+        if r is None:
+            return {}
+        writes = r["eta"] > 0
+        before = self.inner_loss(r["k"], r["v"], r["start"])[writes].mean()
+        after = self.inner_loss(r["k"], r["v"], r["end"])[writes].mean()
+        eta = r["eta"][writes]
+        change = sum((e - s).square().flatten(1).sum(1) for s, e in zip(r["start"], r["end"], strict=True))
+        return {"inner_loss_before": before, "inner_loss_after": after, "inner_loss_ratio": after / before,
+                "eta_mean": eta.mean(), "eta_min": eta.min(), "eta_max": eta.max(),
+                "state_change": change.sqrt().mean()}
+
+    def forward(self, x: Tensor, writers: int | None = None, eta_scale: float = 1.0,
+                mini_batch_size: int | None = None) -> Tensor:
+        """x [B, T, width] -> [B, T, width]; eta scaled by `eta_scale`, inner mini-batches of `mini_batch_size`
+        tokens (None: the layer's own)."""
         dtype = self.ln_weight.dtype
-        q, k, v, eta = (t.to(dtype) for t in self.views(x, writers))  # float32 from an autocast region
+        q, k, v, eta = (t.to(dtype) for t in self.views(x, writers, eta_scale))  # float32 from an autocast region
         self.last_eta = eta.detach()  # [B, H, T], for logging
         start = self.initial_state()
         with torch.autocast(x.device.type, enabled=False):  # the inner loop and its state stay in full precision
-            z, state = self.inner(q, k, v, eta, start, writers)
+            z, state = self.inner(q, k, v, eta, start, writers, mini_batch_size or self.mini_batch_size)
         if self.record:
             detach = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
             self.last_record = {"k": k.detach(), "v": v.detach(), "eta": self.last_eta, "start": detach(start),
@@ -428,9 +459,8 @@ class TTTLinear(TTTLayer):
         W, b = state
         return z @ W + b.unsqueeze(-2)
 
-    def inner(self, q, k, v, eta, state, writers):
-        z, W, b = ttt_linear(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form,
-                             writers)
+    def inner(self, q, k, v, eta, state, writers, mini_batch_size):
+        z, W, b = ttt_linear(q, k, v, eta, *state, self.ln_weight, self.ln_bias, mini_batch_size, self.form, writers)
         return z, (W, b)
 
 
@@ -454,5 +484,5 @@ class TTTMLP(TTTLayer):
         W1, b1, W2, b2 = state
         return _gelu(z @ W1 + b1.unsqueeze(-2)) @ W2 + b2.unsqueeze(-2)
 
-    def inner(self, q, k, v, eta, state, writers):
-        return ttt_mlp(q, k, v, eta, *state, self.ln_weight, self.ln_bias, self.mini_batch_size, self.form, writers)
+    def inner(self, q, k, v, eta, state, writers, mini_batch_size):
+        return ttt_mlp(q, k, v, eta, *state, self.ln_weight, self.ln_bias, mini_batch_size, self.form, writers)
