@@ -8,9 +8,13 @@ A block is the text between a marker line and the next ``<!-- end -->`` line:
 - ``<!-- results/NAME.json -->``: that file's table, rendered as the script that wrote it renders it (``measure.comparison_table``
   for compare.py's files, else the "markdown" it stored), a line naming it, and its figure results/NAME.png if any;
 - ``<!-- checkpoints -->``: one table of every shipped checkpoint's report (checkpoints/omniglot/*.json);
-- ``<!-- summary -->``: the README's summary, one row per learner a user would pick (SUMMARY) at the four Omniglot
-  settings, each cell a row of the equal-time comparisons, with the published Conv-4 numbers (PUBLISHED) beside them.
-tests/test_results.py checks that the committed documents equal what this writes.
+- ``<!-- summary -->``: the README's summary, rendered from results/standing.json, with the published Conv-4 numbers
+  (PUBLISHED) beside it.
+
+results/standing.json (written first) holds, for each learner a user would pick (SUMMARY) and each of the four
+Omniglot settings, the equal-time test accuracy and its 95% interval, the results file and row it comes from (and
+that file's commit), and whether the learner reads the episode as a sequence. tests/test_results.py checks that
+the committed documents and standing.json equal what this writes.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s")
 # costs measured in one process, each learner in the training ways validation chose
 _PAIRED = {"5w1s": ("paired_omniglot_5w1s_readout_ways", "_w20"), "5w5s": ("paired_omniglot_5w5s_readout_ways", "_w20"),
            "20w1s": ("paired_omniglot_20w1s_readout", ""), "20w5s": ("paired_omniglot_20w5s_readout", "")}
+# learner -> (reads the episode as a sequence, {setting: (results file, row)})
 SUMMARY = {
-    "TTT readout (`ttt_readout`)": {s: (f, "ttt_readout" + w) for s, (f, w) in _PAIRED.items()},
-    "ProtoNets (`protonet`)": {s: (f, "protonet" + w) for s, (f, w) in _PAIRED.items()},
+    "TTT readout (`ttt_readout`)": (False, {s: (f, "ttt_readout" + w) for s, (f, w) in _PAIRED.items()}),
+    "ProtoNets (`protonet`)": (False, {s: (f, "protonet" + w) for s, (f, w) in _PAIRED.items()}),
 }
+STANDING = "results/standing.json"
 PUBLISHED = {"MAML (Finn et al. 2017)": ("98.7", "99.9", "95.8", "98.9"),
              "ProtoNets (Snell et al. 2017)": ("98.8", "99.7", "96.0", "98.9"),
              "Meta-SGD (Li et al. 2017)": ("99.5", "99.9", "95.9", "99.0"),
@@ -59,32 +65,46 @@ def rendered(name: str, root: Path) -> str:
     return result["markdown"]
 
 
-def summary(root: Path) -> str:
-    """The README's summary table (SUMMARY, PUBLISHED), the files its cells come from, and a caption whose numbers
-    (test episodes, queries) are those files'."""
-    files = {name: load(f"results/{name}.json", root) for cells in SUMMARY.values() for name, _ in cells.values()}
-    header = ["learner", *SETTINGS, "sources"]
-    lines, scored = [], set()
-    for learner, cells in SUMMARY.items():
-        row = [learner]
-        for setting in SETTINGS:
-            if setting not in cells:
-                row.append("-")
-                continue
-            name, model = cells[setting]
+def standing(root: Path) -> dict:
+    """results/standing.json's content (module docstring), from the results files SUMMARY names."""
+    files = {name: load(f"results/{name}.json", root) for _, cells in SUMMARY.values() for name, _ in cells.values()}
+    learners = []
+    for learner, (sequence, cells) in SUMMARY.items():
+        scores = {}
+        for setting, (name, model) in cells.items():
             found = [r for r in files[name]["rows"] if r["model"] == model]
             if len(found) != 1:
                 raise SystemExit(f"error: results/{name}.json has {len(found)} rows of {model!r}; fix SUMMARY in "
                                  f"scripts/docs.py")
-            row.append(f"{100 * found[0]['acc']:.2f} +- {100 * found[0]['ci95']:.2f}")
-            scored.add((found[0]["episodes"], files[name]["meta"]["queries"]))
-        lines.append([*row, ", ".join(sorted({f"`{cells[s][0]}`" for s in cells}))])
-    lines += [[f"*published: {name}*", *(f"*{v}*" for v in values), "Conv-4, the paper's own protocol"]
+            scores[setting] = {"acc": found[0]["acc"], "ci95": found[0]["ci95"], "episodes": found[0]["episodes"],
+                               "queries": files[name]["meta"]["queries"], "source": f"results/{name}.json",
+                               "row": model, "commit": files[name]["provenance"]["commit"]}
+        learners.append({"learner": learner, "reads_sequence": sequence, "settings": scores})
+    return {"generated_by": "python scripts/docs.py", "protocol": "equal training time from per-step costs measured "
+            "in one process; test accuracy on the same fixed test episodes per setting", "learners": learners}
+
+
+def summary(root: Path) -> str:
+    """The README's summary table from results/standing.json, with PUBLISHED, and a caption whose numbers (test
+    episodes, queries) are those of its cells."""
+    header = ["learner", *SETTINGS, "sources", "reads a sequence"]
+    lines, scored = [], set()
+    for entry in json.loads((root / STANDING).read_text())["learners"]:
+        cells = entry["settings"]
+        row = [entry["learner"]]
+        for setting in SETTINGS:
+            cell = cells.get(setting)
+            row.append(f"{100 * cell['acc']:.2f} +- {100 * cell['ci95']:.2f}" if cell else "-")
+            if cell:
+                scored.add((cell["episodes"], cell["queries"]))
+        sources = ", ".join(sorted({f"`{Path(c['source']).stem}`" for c in cells.values()}))
+        lines.append([*row, sources, "yes" if entry["reads_sequence"] else "no"])
+    lines += [[f"*published: {name}*", *(f"*{v}*" for v in values), "Conv-4, the paper's own protocol", ""]
               for name, values in PUBLISHED.items()]
     (episodes, queries), = scored  # every cell on the same number of episodes and queries
     return (markdown_table(header, lines) + f"\n\nTest accuracy % +- 95% interval on the same {episodes} fixed test "
             f"episodes per setting ({queries} queries per class), each pair at equal training time from per-step "
-            "costs measured in one process. Full tables: [docs/results.md](docs/results.md).")
+            f"costs measured in one process (`{STANDING}`). Full tables: [docs/results.md](docs/results.md).")
 
 
 def shipped(root: Path) -> str:
@@ -111,12 +131,23 @@ def generated(text: str, root: Path = ROOT, document: str = "README.md") -> str:
     return BLOCK.sub(block, text)
 
 
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a document is out of date")
     parser.add_argument("--root", type=Path, default=ROOT, help="the folder holding the documents and results/")
     args = parser.parse_args(argv)
     stale = []
+    if "<!-- summary -->" in (args.root / "README.md").read_text():  # the summary's source first
+        text, new = _read(args.root / STANDING), json.dumps(standing(args.root), indent=1) + "\n"
+        if args.check and text != new:
+            stale.append(STANDING)
+        elif not args.check and text != new:
+            (args.root / STANDING).write_text(new)
+            print(f"{STANDING}: rewritten")
     for document in DOCUMENTS:
         path = args.root / document
         text = path.read_text()

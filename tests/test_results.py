@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 RESULTS = sorted([*(ROOT / "results").glob("*.json"), *(ROOT / "checkpoints" / "omniglot").glob("*.json")])
+RESULTS.remove(ROOT / "results" / "standing.json")  # generated from the others by scripts/docs.py
 
 
 def docs_script():
@@ -23,6 +24,18 @@ def docs_script():
 def test_documents_equal_what_the_results_generate(document):
     text = (ROOT / document).read_text()
     assert docs_script().generated(text, ROOT, document) == text, f"{document} is stale: run python scripts/docs.py"
+
+
+def test_standing_is_what_the_results_generate():
+    """results/standing.json, the README summary's source: each cell a row of the results file it names."""
+    docs = docs_script()
+    standing = json.loads((ROOT / docs.STANDING).read_text())
+    assert standing == docs.standing(ROOT), "results/standing.json is stale: run python scripts/docs.py"
+    for entry in standing["learners"]:
+        for cell in entry["settings"].values():
+            rows = json.loads((ROOT / cell["source"]).read_text())["rows"]
+            row, = [r for r in rows if r["model"] == cell["row"]]
+            assert (row["acc"], row["ci95"]) == (cell["acc"], cell["ci95"])
 
 
 def test_every_result_and_figure_is_shown():
