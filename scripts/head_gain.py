@@ -10,8 +10,10 @@ A TTT learner serves its TTT head's logits (``SequenceMetaLearner``: the head af
 
 Each shipped checkpoint (checkpoints/omniglot/<name>.ckpt, built from the config its report names) is scored on
 `--episodes` fixed test episodes (``data.test_episodes``: 600 are every table's test set, 100 a report's check set)
-two ways from one forward: the served model and the prototype term (its encoder used as a ProtoNet). "served - ProtoNet" is what test-time training adds over nearest-centroid
-classification of the same features. A checkpoint trained on episodes of varied sizes is scored at each of the
+two ways from one forward: the served model and the prototype term (its encoder used as a ProtoNet). "served -
+ProtoNet" is what test-time training adds over nearest-centroid classification of the same features. The same
+forwards record each TTT layer's inner loss of the supports under its initial and under its end state (the mean
+over the test batches): what each layer's test-time training did. A checkpoint trained on episodes of varied sizes is scored at each of the
 four Omniglot settings, the others at their own. Float32, on the CPU or the GPU at hand.
 
 Writes <out>/<name>.json (default head_gain_omniglot: rows, the Markdown table, provenance).
@@ -40,16 +42,26 @@ TERMS = ("served", "prototype")
 
 
 def term_accuracies(model: SequenceMetaLearner | TTTReadoutLearner, dm, device: torch.device) -> dict[str, dict]:
-    """{term: {"acc", "ci95"}} of the served model and the prototype term on `dm`'s fixed test episodes."""
+    """{term: {"acc", "ci95"}} of the served model and the prototype term on `dm`'s fixed test episodes, and
+    "inner_loop": {layer: {"before", "after"}}, each TTT layer's inner loss of the supports under its initial and
+    its end state (``inner_loop_stats``), the mean over the test batches."""
     per_episode = {t: [] for t in TERMS}
+    inner = []
     model.eval().to(device)
+    model.record_inner_loop(True)
     for batch in dm.test_dataloader():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.inference_mode():
             served, prototype = model.logit_terms(batch, prototype=True)  # [B, NQ, N] each
+            inner.append({k: float(v) for k, v in model.inner_loop_stats().items()})
         for term, logits in zip(TERMS, (served, prototype)):
             per_episode[term].append(episode_accuracy(logits, batch["query_labels"]).cpu())
-    return {t: dict(zip(("acc", "ci95"), confidence_interval(torch.cat(accs)))) for t, accs in per_episode.items()}
+    model.record_inner_loop(False)
+    result = {t: dict(zip(("acc", "ci95"), confidence_interval(torch.cat(accs)))) for t, accs in per_episode.items()}
+    layers = sorted({k.split("/")[1] for k in inner[0]})
+    result["inner_loop"] = {layer: {when: sum(s[f"ttt/{layer}/inner_loss_{when}"] for s in inner) / len(inner)
+                                    for when in ("before", "after")} for layer in layers}
+    return result
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -96,10 +108,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                f"{' (dirty)' if prov['dirty'] else ''}, {prov['date'][:10]}: `{prov['command']}`")
     lines = [[f"`{r['checkpoint']}`", r["setting"],
               *(f"{100 * r[t]['acc']:.2f} +- {100 * r[t]['ci95']:.2f}" for t in TERMS),
-              f"{100 * (r['served']['acc'] - r['prototype']['acc']):+.2f}"] for r in rows]
+              f"{100 * (r['served']['acc'] - r['prototype']['acc']):+.2f}",
+              "; ".join(f"{layer} {v['before']:.3g} -> {v['after']:.3g}" for layer, v in r["inner_loop"].items())]
+             for r in rows]
     markdown = caption + "\n\n" + markdown_table(
         ["checkpoint", "scored at", "served acc %", "its encoder as a ProtoNet %",
-         "served - ProtoNet"], lines)
+         "served - ProtoNet", "inner loss of the supports, initial -> end state, per TTT layer"], lines)
     write_results(args.out, args.name, {"episodes": args.episodes, "rows": rows}, markdown, prov)
     print(markdown)
     return rows
