@@ -26,7 +26,7 @@ def randomise_outputs(model):
     """Give every context layer's zero-initialised output projection random weights (else it adds nothing)."""
     g = torch.Generator().manual_seed(1)
     for layer in model.context:
-        w = layer.ttt.theta_o.weight
+        w = getattr(layer, "ttt", layer).theta_o.weight
         w.data.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.3)
 
 
@@ -85,11 +85,38 @@ def test_context_layer_equals_plain_gradient_steps_on_the_supports(options):
     assert not torch.allclose(got, x)
 
 
-def test_with_no_context_layer_it_is_the_readout_and_context_starts_as_the_identity():
+def test_readout_context_layer_adds_the_code_a_readout_fit_to_the_supports_predicts():
+    """ReadoutContextLayer equals x + theta_o(k_t W) with W `epochs` gradient steps from 0 on the supports'
+    eta-weighted squared error to their label codes, by torch.func.grad (float64), k the unit centred theta_k LN(x)."""
+    torch.manual_seed(0)
+    model = TTTReadoutLearner(context_layers=1, context_core="readout", inner_epochs=2, **TINY).double().eval()
+    randomise_outputs(model)
+    layer, (ways, shots), F_ = model.context[0], (3, 2), model.encoder.out_features
+    x = torch.randn(2, ways * shots + 5, F_, dtype=torch.float64)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 0, 1, 1, 0]])
+    h = layer.theta_k(layer.norm(x))
+    k = F.normalize(h - h[:, :6].mean(1, keepdim=True), dim=-1)
+    eta = torch.sigmoid(layer.gate(k[:, :6])).squeeze(-1) / shots
+    codes = _codes(ways, F_).double()[labels]
+
+    def loss(W, b):
+        return (eta[b].unsqueeze(-1) * 0.5 * (k[b, :6] @ W - codes[b]).square()).sum()
+
+    want = []
+    for b in range(2):
+        W = torch.zeros(F_, F_, dtype=torch.float64)
+        for _ in range(2):
+            W = W - torch.func.grad(loss)(W, b)
+        want.append(x[b] + layer.theta_o(k[b] @ W))
+    torch.testing.assert_close(layer(x, labels, ways, shots, 2), torch.stack(want), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("core", ["ttt_mlp", "readout"])
+def test_with_no_context_layer_it_is_the_readout_and_context_starts_as_the_identity(core):
     """A learner with context layers computes, at initialisation, the logits of the readout with the same other
     weights (its layers' outputs start at 0); with trained output projections they differ."""
     torch.manual_seed(0)
-    deep = TTTReadoutLearner(context_layers=2, context_core="ttt_mlp", **TINY).eval()
+    deep = TTTReadoutLearner(context_layers=2, context_core=core, **TINY).eval()
     plain = TTTReadoutLearner(**TINY).eval()
     plain.load_state_dict({k: v for k, v in deep.state_dict().items() if not k.startswith("context.")})
     batch = batch_of()
@@ -100,7 +127,8 @@ def test_with_no_context_layer_it_is_the_readout_and_context_starts_as_the_ident
 
 
 @pytest.mark.parametrize("options", [dict(context_layers=2), dict(context_layers=1, context_labels=True,
-                                                                   context_mini_batch=2, inner_epochs=2)])
+                                                                   context_mini_batch=2, inner_epochs=2),
+                                     dict(context_layers=2, context_core="readout")])
 def test_a_query_depends_on_the_supports_and_itself_alone(options):
     torch.manual_seed(0)
     model = TTTReadoutLearner(**TINY, **options).eval()
@@ -154,9 +182,10 @@ def test_label_codes_with_w0_zero_rank_as_one_hot_targets():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_inner_loop_stats_of_every_layer_equal_quantities_recomputed_from_one_batch():
+@pytest.mark.parametrize("core", ["ttt_linear", "readout"])
+def test_inner_loop_stats_of_every_layer_equal_quantities_recomputed_from_one_batch(core):
     torch.manual_seed(0)
-    model = TTTReadoutLearner(context_layers=1, inner_epochs=2, learned_w0=True, **TINY).eval()
+    model = TTTReadoutLearner(context_layers=1, context_core=core, inner_epochs=2, learned_w0=True, **TINY).eval()
     randomise_outputs(model)
     with torch.no_grad():
         model.W0.normal_(0, 0.1)
@@ -170,7 +199,7 @@ def test_inner_loop_stats_of_every_layer_equal_quantities_recomputed_from_one_ba
         before, after = loss(model.W0), loss(r["end"])
         W1 = ttt_readout(torch.eye(r["k"].shape[-1]).expand(2, -1, -1), r["k"], r["y"], r["eta"], 2, model.W0)
     torch.testing.assert_close(r["end"], W1)  # the recorded end state is the readout's
-    context = model.context[0].ttt.recorded_stats()
+    context = model.ttt_layers()[0][1].recorded_stats()
     assert {k for k in stats if k.startswith("ttt/context.0/")} == {f"ttt/context.0/{k}" for k in context}
     assert float(stats["ttt/readout/inner_loss_before"]) == pytest.approx(float(before))
     assert float(stats["ttt/readout/inner_loss_after"]) == pytest.approx(float(after))
@@ -187,6 +216,7 @@ def test_label_codes_bound_the_ways_and_bad_options_are_named():
     model = TTTReadoutLearner(context_layers=1, context_labels=True, **TINY)
     assert model.ways_served() == (2, model.encoder.out_features + 1)
     assert TTTReadoutLearner(context_layers=1, **TINY).ways_served() == (2, None)
+    assert TTTReadoutLearner(context_layers=1, context_core="readout", **TINY).ways_served()[1] == 9
     for option in [{"context_core": "lstm"}, {"context_layers": -1}, {"context_mini_batch": -2}]:
         with pytest.raises(UserError, match="model.init_args." + next(iter(option))):
             TTTReadoutLearner(**option)

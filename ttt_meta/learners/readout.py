@@ -18,7 +18,9 @@ writers, then every token as a reader:
 
 Its output projection starts at 0, so at initialisation the learner is the readout alone. With context_labels
 the writing supports carry their label: a fixed simplex code (``ttt_meta.nn.model.simplex_frame``, CAML's
-equiangular codes) scaled by a learned s; the readers carry features only.
+equiangular codes) scaled by a learned s; the readers carry features only. context_core "readout" makes each
+context layer a readout instead (``ReadoutContextLayer``): a linear inner model fit to the supports' label codes,
+whose predicted code every token adds to its features.
 
 The last layer, ``ttt_readout``, trains a linear map W [F, N] from 0 on the supports by inner_epochs batch gradient
 steps of sum_j eta_j 0.5 ||k_j W - y_j||^2 inside the forward, and the queries read it. At one step it is a cosine
@@ -44,7 +46,7 @@ from ..nn.ttt import TTTLayer, TTTLinear, TTTMLP, ttt_readout_state
 from .base import EpisodicLearner
 from .protonet import prototype_logits
 
-CONTEXT_CORES = {"ttt_linear": TTTLinear, "ttt_mlp": TTTMLP}
+CONTEXT_CORES = ("ttt_linear", "ttt_mlp", "readout")
 
 
 @functools.cache
@@ -60,7 +62,8 @@ class ContextLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         # mini_batch_size 0: all supports in one batch (set per forward)
-        self.ttt = CONTEXT_CORES[core](width, num_heads, mini_batch_size=max(mini_batch_size, 1))
+        self.ttt = {"ttt_linear": TTTLinear, "ttt_mlp": TTTMLP}[core](width, num_heads,
+                                                                    mini_batch_size=max(mini_batch_size, 1))
         self.all_supports = mini_batch_size == 0
         nn.init.zeros_(self.ttt.theta_o.weight)  # the identity at initialisation
         self.label_scale = nn.Parameter(torch.tensor(1.0)) if labels else None
@@ -78,6 +81,54 @@ class ContextLayer(nn.Module):
         return x + out[:, epochs * NK:]
 
 
+def readout_stats(record: dict) -> dict[str, Tensor]:
+    """A readout's inner-loop scalars from its record {"k" [B, NK, F], "y" [B, NK, C], "eta" [B, NK], "start",
+    "end" [B, F, C]}: the supports' inner loss 0.5 ||k_j W - y_j||^2 under the initial and the end state (and after /
+    before), the inner learning rates (mean, min, max), ||W_end - W_start|| (mean over episodes)."""
+    loss = lambda W: 0.5 * (record["k"] @ W - record["y"]).square().sum(-1).mean()  # noqa: E731
+    before, after, eta = loss(record["start"]), loss(record["end"]), record["eta"]
+    return {"inner_loss_before": before, "inner_loss_after": after, "inner_loss_ratio": after / before,
+            "eta_mean": eta.mean(), "eta_min": eta.min(), "eta_max": eta.max(),
+            "state_change": (record["end"] - record["start"]).flatten(1).norm(dim=1).mean()}
+
+
+class ReadoutContextLayer(nn.Module):
+    """x + theta_o(k_t W) (context_core "readout"): a readout as a context layer. Its linear inner model W [F, F] is
+    fit from 0 to the supports' simplex label codes by inner_epochs batch gradient steps over unit keys of the
+    centred theta_k LN(x), and every token, support and query alike, adds the code it predicts; theta_o starts at 0."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.theta_k = nn.Linear(width, width, bias=False)
+        self.gate = nn.Linear(width, 1)
+        nn.init.normal_(self.gate.weight, std=0.02)
+        nn.init.zeros_(self.gate.bias)
+        self.theta_o = nn.Linear(width, width, bias=False)
+        nn.init.zeros_(self.theta_o.weight)  # the identity at initialisation
+        self.record, self.last_record = False, None
+
+    def forward(self, x: Tensor, labels: Tensor, ways: int, shots: int, epochs: int) -> Tensor:
+        """x [B, T, F] (supports first), labels [B, NK] -> [B, T, F]."""
+        NK = labels.shape[1]
+        h = self.theta_k(self.norm(x))
+        with torch.autocast(x.device.type, enabled=False):  # the inner loop in full precision
+            h = h.to(self.gate.weight.dtype)  # float32 from an autocast region
+            keys = F.normalize(h - h[:, :NK].mean(1, keepdim=True), dim=-1)
+            eta = torch.sigmoid(self.gate(keys[:, :NK])).squeeze(-1) / shots  # [B, NK]
+            codes = _codes(ways, x.shape[-1]).to(h)[labels]  # [B, NK, F]
+            W = ttt_readout_state(keys[:, :NK], codes, eta, epochs)
+            predicted = keys @ W  # [B, T, F]
+        if self.record:
+            self.last_record = {"k": keys[:, :NK].detach(), "y": codes, "eta": eta.detach(),
+                                "start": torch.zeros_like(W), "end": W.detach()}
+        return x + self.theta_o(predicted)
+
+    @torch.no_grad()
+    def recorded_stats(self) -> dict[str, Tensor]:
+        return {} if self.last_record is None else readout_stats(self.last_record)
+
+
 class TTTReadoutLearner(EpisodicLearner):
     """Conv encoder, context_layers TTT layers over the episode, then the TTT readout (module docstring).
 
@@ -86,8 +137,9 @@ class TTTReadoutLearner(EpisodicLearner):
             steps; 1: linear attention).
         eta_base: the largest inner learning rate a class's supports take together in the readout.
         context_layers: TTT layers over the episode before the readout (0: the readout alone).
-        context_core: "ttt_linear" or "ttt_mlp", the context layers' inner model.
-        context_heads: heads of the context layers (the feature width must divide by it).
+        context_core: the context layers' inner model: "ttt_linear" or "ttt_mlp" (trained to reconstruct the
+            supports' tokens), or "readout" (a linear map fit to their label codes; ``ReadoutContextLayer``).
+        context_heads: heads of the TTT-Linear or TTT-MLP context layers (the feature width must divide by it).
         context_mini_batch: supports per inner mini-batch of the context layers; 0: all supports at once.
         context_labels: the writing supports carry their label's simplex code in the context layers.
         learned_w0: the readout's targets are simplex label codes and its initial state W0 is learned.
@@ -117,8 +169,10 @@ class TTTReadoutLearner(EpisodicLearner):
         features = self.encoder.out_features
         self.theta = nn.Linear(features, features, bias=False)
         nn.init.eye_(self.theta.weight)
-        self.context = nn.ModuleList(ContextLayer(context_core, features, context_heads, context_mini_batch,
-                                                  context_labels) for _ in range(context_layers))
+        self.context = nn.ModuleList(
+            ReadoutContextLayer(features) if context_core == "readout"
+            else ContextLayer(context_core, features, context_heads, context_mini_batch, context_labels)
+            for _ in range(context_layers))
         self.gate = nn.Linear(features, 1)
         nn.init.normal_(self.gate.weight, std=0.02)
         nn.init.zeros_(self.gate.bias)
@@ -127,12 +181,15 @@ class TTTReadoutLearner(EpisodicLearner):
         self.recording, self.last_record = False, None
 
     def ways_served(self) -> tuple[int, int | None]:
-        """Any number of ways; with label codes (context_labels, learned_w0) up to the feature width + 1."""
-        codes = self.hparams.context_labels and self.hparams.context_layers or self.hparams.learned_w0
+        """Any number of ways; with label codes (context_labels, a readout context layer, learned_w0) up to the
+        feature width + 1."""
+        context_codes = self.hparams.context_labels or self.hparams.context_core == "readout"
+        codes = context_codes and self.hparams.context_layers or self.hparams.learned_w0
         return 2, self.encoder.out_features + 1 if codes else None
 
-    def ttt_layers(self) -> list[tuple[str, TTTLayer]]:
-        return [(f"context.{i}", layer.ttt) for i, layer in enumerate(self.context)]
+    def ttt_layers(self) -> list[tuple[str, TTTLayer | ReadoutContextLayer]]:
+        """The context layers' TTT layers (each with record, last_record and recorded_stats)."""
+        return [(f"context.{i}", getattr(layer, "ttt", layer)) for i, layer in enumerate(self.context)]
 
     def forward(self, batch: dict) -> Tensor:
         return self.logit_terms(batch)[0]
@@ -149,12 +206,12 @@ class TTTReadoutLearner(EpisodicLearner):
         for layer in self.context:
             x = layer(x, labels, ways, NK // ways, epochs)
         with torch.autocast(x.device.type, enabled=False):  # the inner loop in full precision
-            h = x.float()
+            h = x.to(self.gate.weight.dtype)  # float32 from an autocast region
             h = h - h[:, :NK].mean(1, keepdim=True)
             keys = F.normalize(h, dim=-1)
             eta = self.hparams.eta_base * torch.sigmoid(self.gate(h[:, :NK])).squeeze(-1) * ways / NK  # [B, NK]
             if self.W0 is None:
-                y, W0 = F.one_hot(labels, ways).float(), None  # [B, NK, N]
+                y, W0 = F.one_hot(labels, ways).to(h), None  # [B, NK, N]
             else:
                 codes = _codes(ways, h.shape[-1]).to(h)  # [N, F]
                 y, W0 = codes[labels], self.W0
@@ -181,12 +238,6 @@ class TTTReadoutLearner(EpisodicLearner):
         max) and ||W_end - W0|| (mean over episodes), tagged ttt/<layer>/<quantity>."""
         stats = {f"ttt/{name}/{key}": value for name, layer in self.ttt_layers()
                  for key, value in layer.recorded_stats().items()}
-        r = self.last_record
-        if r is not None:
-            loss = lambda W: 0.5 * (r["k"] @ W - r["y"]).square().sum(-1).mean()  # noqa: E731
-            before, after = loss(r["start"]), loss(r["end"])
-            stats.update({"ttt/readout/inner_loss_before": before, "ttt/readout/inner_loss_after": after,
-                          "ttt/readout/inner_loss_ratio": after / before, "ttt/readout/eta_mean": r["eta"].mean(),
-                          "ttt/readout/eta_min": r["eta"].min(), "ttt/readout/eta_max": r["eta"].max(),
-                          "ttt/readout/state_change": (r["end"] - r["start"]).flatten(1).norm(dim=1).mean()})
+        if self.last_record is not None:
+            stats.update({f"ttt/readout/{k}": v for k, v in readout_stats(self.last_record).items()})
         return stats
