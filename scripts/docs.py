@@ -13,7 +13,7 @@ A block is the text between a marker line and the next ``<!-- end -->`` line:
 
 results/standing.json (written first) holds, for each learner a user would pick (SUMMARY) and each of the four
 Omniglot settings, the equal-time test accuracy and its 95% interval, the results file and row it comes from (and
-that file's commit), and whether the learner reads the episode as a sequence. tests/test_results.py checks that
+that file's commit), its provenance (this command and its sources' commits), and whether the learner reads the episode as a sequence. tests/test_results.py checks that
 the committed documents and standing.json equal what this writes.
 """
 
@@ -80,8 +80,10 @@ def standing(root: Path) -> dict:
                                "queries": files[name]["meta"]["queries"], "source": f"results/{name}.json",
                                "row": model, "commit": files[name]["provenance"]["commit"]}
         learners.append({"learner": learner, "reads_sequence": sequence, "settings": scores})
-    return {"generated_by": "python scripts/docs.py", "protocol": "equal training time from per-step costs measured "
-            "in one process; test accuracy on the same fixed test episodes per setting", "learners": learners}
+    commits = sorted({cell["commit"] for entry in learners for cell in entry["settings"].values()})
+    return {"provenance": {"command": "python scripts/docs.py", "source_commits": commits},
+            "protocol": "equal training time from per-step costs measured in one process; test accuracy on the same "
+            "fixed test episodes per setting", "learners": learners}
 
 
 def summary(root: Path) -> str:
@@ -131,10 +133,6 @@ def generated(text: str, root: Path = ROOT, document: str = "README.md") -> str:
     return BLOCK.sub(block, text)
 
 
-def _read(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a document is out of date")
@@ -142,12 +140,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     stale = []
     if "<!-- summary -->" in (args.root / "README.md").read_text():  # the summary's source first
-        text, new = _read(args.root / STANDING), json.dumps(standing(args.root), indent=1) + "\n"
-        if args.check and text != new:
-            stale.append(STANDING)
-        elif not args.check and text != new:
-            (args.root / STANDING).write_text(new)
-            print(f"{STANDING}: rewritten")
+        path = args.root / STANDING
+        new = json.dumps(standing(args.root), indent=1) + "\n"
+        if (path.read_text() if path.is_file() else None) != new:
+            if args.check:
+                stale.append(STANDING)
+            else:
+                path.write_text(new)
+                print(f"{STANDING}: rewritten")
     for document in DOCUMENTS:
         path = args.root / document
         text = path.read_text()
