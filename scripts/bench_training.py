@@ -64,7 +64,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["ttt_linear"], help="experiments <model>_<setting>.yaml")
     parser.add_argument("--train-settings", nargs="+", default=["5w1s", "20w5s"],
-                        choices=["5w1s", "5w5s", "20w1s", "20w5s"])
+                        choices=["5w1s", "5w5s", "20w1s", "20w5s", "online_5way", "online_15way"])
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--train-precisions", nargs="+", default=["32-true", "bf16-mixed"],
                         help="trainer.precision values; bf16-mixed pays on CPUs with native bf16 (AVX512-BF16, AMX)")

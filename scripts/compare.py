@@ -147,8 +147,20 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
 
 
 def figure(rows: list[dict], meta: dict, path: Path) -> None:
-    """Validation accuracy against log training seconds and against training episodes, one line per run."""
-    fig, (by_time, by_episodes) = pyplot().subplots(1, 2, figsize=(12, 4.5))
+    """Validation accuracy against log training seconds and against training episodes, one line per run; for
+    streams also the test accuracy against the instance number, with its 95% intervals."""
+    streams = all("by_instance" in r for r in rows)
+    fig, axes = pyplot().subplots(1, 3 if streams else 2, figsize=(18 if streams else 12, 4.5))
+    by_time, by_episodes = axes[:2]
+    if streams:
+        for r in rows:
+            points = r["by_instance"]
+            axes[2].errorbar([p["instance"] for p in points], [100 * p["acc"] for p in points],
+                             yerr=[100 * p["ci95"] for p in points], marker=".", capsize=2, label=r["model"])
+        axes[2].set_xlabel("instance of the class in the stream")
+        axes[2].set_ylabel("test accuracy %")
+        axes[2].grid(True, alpha=0.3)
+        axes[2].legend(fontsize=8)
     floor = 100
     for name, r in {r["run"]: r for r in rows}.items():
         if not r["curve"]:
@@ -173,7 +185,8 @@ def figure(rows: list[dict], meta: dict, path: Path) -> None:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", default="5w1s", help="5w1s, 5w5s, 20w1s or 20w5s")
+    p.add_argument("--setting", default="5w1s", help="5w1s, 5w5s, 20w1s, 20w5s, or online_5way, online_15way "
+                   "(streams: the test scores accuracy by instance too)")
     p.add_argument("--configs", type=Path, default=ROOT / "configs" / "omniglot")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     budget_given = p.add_mutually_exclusive_group(required=True)
@@ -212,6 +225,7 @@ def main(argv=None) -> list[dict]:
             meta = {"dataset": dm.dataset, "setting": args.setting, "minutes": args.minutes, "steps": args.steps,
                     "val_every_seconds": args.val_every, "test_episodes": dm.test_episodes,
                     "queries": dm.eval_queries or dm.queries, "test_seed": dm.test_seed, "val_seed": dm.val_seed,
+                    "protocol": dm.protocol, "instances": dm.instances,
                     "val_episodes": dm.val_episodes, "eval_batch_size": dm.eval_batch_size}
         name = args.name or f"compare_{meta['dataset']}_{args.setting}"
         markdown = comparison_table(rows, meta, prov)

@@ -8,7 +8,8 @@ Tags (``<layer>`` is e.g. ``blocks.0.core``):
     ttt/<layer>/state_change                        ||W_end - W0|| (all state tensors, mean over episodes)
     maml/support_loss_before, _after, _ratio        MAML: support loss before / after adaptation
     params/<name>                                   histograms: W0 (W1, W2), eta_gate, theta_kv/q/o weights
-    val/episode                                     figure: one validation episode, predictions, wrong ones red
+    val/episode                                     figure: one validation episode (or the start of a stream),
+                                                    predictions, wrong ones red
     ttt/inner_loss_along_supports                   figure: per support token, loss under W0 and final state
     hp/val_acc, hp/test_acc                         the HPARAMS tab's metrics (last validation, test; absent
                                                     until logged)
@@ -17,6 +18,7 @@ Tags (``<layer>`` is e.g. ``blocks.0.core``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,8 +28,9 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
 
+from .data.episodes import targets
 from .errors import UserError
-from .measure import pyplot
+from .measure import instance_numbers, pyplot
 
 HISTOGRAMS = ("W0", "W1", "W2", "eta_gate.weight", "theta_kv.weight", "theta_q.weight", "theta_o.weight")
 
@@ -79,10 +82,11 @@ class InnerLoopMonitor(L.Callback):
         if not (self.figures and writers and episode):
             return
         pl_module.record_inner_loop(True)
-        probs = pl_module(episode).softmax(-1)[0].float().cpu()
+        probs = pl_module.logits(episode).softmax(-1)[0].float().cpu()
         curves = pl_module.inner_loss_curves() if hasattr(pl_module, "inner_loss_curves") else {}
         pl_module.record_inner_loop(False)
-        figures = {"val/episode": episode_figure(episode, probs)}
+        draw = stream_figure if "stream" in episode else episode_figure
+        figures = {"val/episode": draw(episode, probs)}
         if curves:
             figures["ttt/inner_loss_along_supports"] = curve_figure(curves)
         for writer in writers:
@@ -112,7 +116,7 @@ class TestReport(L.Callback):
         self.episodes_here = 0
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.episodes_here += len(batch["query_labels"])
+        self.episodes_here += len(targets(batch))
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:  # collective calls: every process makes them
         count = torch.tensor(self.episodes_here, device=pl_module.device)
@@ -127,13 +131,45 @@ class TestReport(L.Callback):
                   "hparams": dict(pl_module.hparams), "ckpt_path": trainer.ckpt_path}
         spec = getattr(dm, "eval_spec", None)
         if spec is not None:
-            report.update(ways=spec.ways, shots=spec.shots, queries=spec.queries, dataset=dm.hparams.dataset,
+            report.update(protocol=dm.hparams.protocol, **dataclasses.asdict(spec), dataset=dm.hparams.dataset,
                           test_seed=dm.hparams.test_seed)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.log_dir / "test_results.json"
         path.write_text(json.dumps(report, indent=1, default=str))
         print(f"\ntest accuracy {100 * result['acc']:.2f} +- {100 * result['ci95']:.2f}% (95% CI, "
               f"{result['episodes']} episodes) -> {path}")
+        if "by_instance" in result:
+            print("by instance: " + ", ".join(f"{r['instance']}: {100 * r['acc']:.1f} +- {100 * r['ci95']:.1f}"
+                                              for r in result["by_instance"]))
+
+
+def _image_cells(axes, cells) -> None:
+    """Draw (image uint8 [C, H, W], title, colour) cells on `axes`; a red cell gets a red frame."""
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, cell in zip(axes.flat, cells):
+        if cell is not None:
+            img, title, color = cell
+            ax.imshow(img.permute(1, 2, 0).squeeze(-1).cpu(), cmap="gray")
+            ax.set_title(title, fontsize=7, color=color)
+            if color == "red":
+                ax.axis("on"), ax.set_xticks([]), ax.set_yticks([])
+                for side in ax.spines.values():
+                    side.set_color("red"), side.set_linewidth(2)
+
+
+def stream_figure(episode: dict, probs: torch.Tensor, columns: int = 10, rows: int = 3):
+    """The first steps of a stream in order: each image with its instance number (#), predicted (p) and true (t)
+    label; wrong ones in red. episode: a batch of one stream (uint8 images); probs [T, N]."""
+    plt = pyplot()
+    images, labels = episode["stream"][0][: rows * columns], targets(episode)[0][: rows * columns]
+    instance = instance_numbers(targets(episode))[0]
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.9, rows * 1.1), squeeze=False)
+    _image_cells(axes, [(img, f"#{int(n)} p={int(p)} t={int(y)}", "black" if p == y else "red")
+                        for img, y, p, n in zip(images, labels, probs.argmax(-1), instance)])
+    fig.tight_layout()
+    return fig
 
 
 def episode_figure(episode: dict, probs: torch.Tensor, columns: int = 10):
@@ -144,21 +180,11 @@ def episode_figure(episode: dict, probs: torch.Tensor, columns: int = 10):
     s_rows, q_rows = -(-len(support) // columns), -(-len(query) // columns)
     fig, axes = plt.subplots(s_rows + q_rows, columns, figsize=(columns * 0.9, (s_rows + q_rows) * 1.1),
                              squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
     cells = [(img, f"y={int(y)}", "black") for img, y in zip(support, episode["support_labels"][0])]
     cells += [None] * (s_rows * columns - len(cells))
     for img, y, p in zip(query, episode["query_labels"][0], probs.argmax(-1)):
         cells.append((img, f"p={int(p)} t={int(y)}", "black" if p == y else "red"))
-    for ax, cell in zip(axes.flat, cells):
-        if cell is not None:
-            img, title, color = cell
-            ax.imshow(img.permute(1, 2, 0).squeeze(-1).cpu(), cmap="gray")
-            ax.set_title(title, fontsize=7, color=color)
-            if color == "red":
-                ax.axis("on"), ax.set_xticks([]), ax.set_yticks([])
-                for side in ax.spines.values():
-                    side.set_color("red"), side.set_linewidth(2)
+    _image_cells(axes, cells)
     fig.tight_layout()
     return fig
 

@@ -2,6 +2,9 @@
 
 - ``episode_accuracy(logits [B, NQ, N], labels [B, NQ]) -> [B]``: the fraction of each episode's queries scored
   right; ``confidence_interval(acc [n]) -> (mean, 1.96 * std / sqrt(n))``, the 95% interval reported everywhere.
+  Streams (the online protocol): ``instance_numbers(labels [B, T]) -> [B, T]``, the how-many-th instance of its
+  class each image is (1, 2, ...), and ``accuracy_by_instance(logits, labels) -> [B, S]``, each stream's accuracy
+  on the 1st, 2nd, ... S-th instances of its classes.
 - Time: ``timed_call`` (one call, CUDA synchronised), ``median_seconds`` (median over repeats after a warm-up),
   ``StepClock`` (the training steps of a Lightning ``fit``); ``add_timing_arguments`` gives a benchmark script its
   shared options.
@@ -39,6 +42,22 @@ from torch import Tensor
 def episode_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-episode accuracy [B] of query logits [B, NQ, N] against query labels [B, NQ]."""
     return (logits.argmax(-1) == labels).float().mean(1)
+
+
+def instance_numbers(labels: Tensor) -> Tensor:
+    """labels [B, T] -> [B, T]: 1 + the number of earlier steps of the same stream with the same label."""
+    onehot = torch.nn.functional.one_hot(labels)  # [B, T, N]
+    return (onehot.cumsum(1) * onehot).sum(-1)
+
+
+def accuracy_by_instance(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-stream accuracy [B, S] on the s-th instances of its classes (s = 1..S, S the most instances of a class
+    in the batch), from step logits [B, T, N] and labels [B, T]: the mean over the stream's steps that show a
+    class for the s-th time (NaN where a stream has none)."""
+    n = instance_numbers(labels)
+    onehot = torch.nn.functional.one_hot(n - 1).float()  # [B, T, S]
+    correct = (logits.argmax(-1) == labels).float()
+    return (correct.unsqueeze(-1) * onehot).sum(1) / onehot.sum(1)
 
 
 def confidence_interval(acc: Tensor) -> tuple[float, float]:
@@ -140,9 +159,10 @@ def random_episodes(n: int, ways: int, shots: int, queries: int, size: int, chan
 
 
 def evaluate(model, batch: dict) -> Tensor:
-    """Logits [B, NQ, N] of `model` on a batch of episodes under inference_mode (an evaluation forward)."""
+    """Logits of a learner on a batch under inference_mode (an evaluation forward): [B, NQ, N] of episodes,
+    [B, T, N] of streams (``EpisodicLearner.logits``)."""
     with torch.inference_mode():
-        return model(batch)
+        return model.logits(batch)
 
 
 def optimizer_step(model, optimizer: torch.optim.Optimizer, batch: dict) -> None:
@@ -264,22 +284,35 @@ def comparison_budget(meta: dict) -> str:
     return "training steps " + ", ".join(f"{model or 'every other model'} {n:,}" for model, n in steps.items())
 
 
+INSTANCES_SHOWN = (1, 2, 3, 4, 5, 10)  # Santoro et al.'s columns of accuracy by instance
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def comparison_table(rows: list[dict], meta: dict, prov: dict) -> str:
     """A comparison (scripts/compare.py's rows and meta) as docs/ show it: caption, then one row per model."""
     at = any("scored_at" in r for r in rows)
     ttt = None if at else next((r for r in rows if r["model"] == "ttt_linear"), None)  # the cost reference, if any
-    header = ["model", *(["scored at"] if at else []), "test acc % (95% CI)", "best val acc %", "test ms / episode",
+    instances = [n for n in INSTANCES_SHOWN if all("by_instance" in r and n <= len(r["by_instance"]) for r in rows)]
+    header = ["model", *(["scored at"] if at else []), "test acc % (95% CI)",
+              *(f"{_ordinal(n)} instance" for n in instances), "best val acc %", "test ms / episode",
               *(["cost / TTT-Linear"] if ttt else []),
               *(f"s to {t:.0%} val" for t in THRESHOLDS), "train s", "train steps", "train episodes", "params"]
     cells = [[r["model"], *([r["scored_at"]] if at else []), f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}",
+              *(f"{100 * r['by_instance'][n - 1]['acc']:.1f} +- {100 * r['by_instance'][n - 1]['ci95']:.1f}"
+                for n in instances),
               f"{100 * r['best_val_acc']:.2f}",
               f"{r['test_ms_per_episode']:.1f}",
               *([f"{r['test_ms_per_episode'] / ttt['test_ms_per_episode']:.2f}x"] if ttt else []),
               *(_seconds(r["time_to"][f"{t:.0%}"]) for t in THRESHOLDS), f"{r['train_seconds']:.0f}",
               r["train_steps"], f"{r['train_episodes']:,}", f"{r['params']:,}"] for r in rows]
+    scored = (f"{meta['test_episodes']} fixed test streams ({meta['instances']} instances per class, every step "
+              f"scored)" if meta.get("protocol") == "online" else
+              f"{meta['test_episodes']} fixed test episodes ({meta['queries']} queries per class)")
     caption = (f"{meta['dataset']} {meta['setting']}: {comparison_budget(meta)} "
-               f"({hardware_text(prov)}); test: the best-validated checkpoint on {meta['test_episodes']} fixed test "
-               f"episodes ({meta['queries']} queries per class), cost per episode in batches of "
+               f"({hardware_text(prov)}); test: the best-validated checkpoint on {scored}, cost per episode in batches of "
                f"{meta['eval_batch_size']}. Commit {str(prov['commit'])[:10]}{' (dirty)' if prov['dirty'] else ''}, "
                f"{prov['date'][:10]}: `{prov['command']}`")
     return f"{caption}\n\n{markdown_table(header, cells)}\n"

@@ -31,8 +31,9 @@ from .checkpointing import check_checkpoint, read_checkpoint
 from .cli import TTTMetaCLI, newest_last_checkpoint
 from .cli import main as cli_main
 from .errors import MissingInput
-from .measure import (code_and_machine, confidence_interval, episode_accuracy, evaluate, median_seconds,
-                      optimizer_step, peak_tensor_mb, timed_call)
+from .data.episodes import targets
+from .measure import (accuracy_by_instance, code_and_machine, confidence_interval, episode_accuracy, evaluate,
+                      median_seconds, optimizer_step, peak_tensor_mb, timed_call)
 
 
 def build(config: Path | str, overrides: list[str] = (), run_name: str | None = None,
@@ -198,17 +199,25 @@ def train_for(config: Path, run_name: str, overrides: list[str], seconds: float 
 def score(model, dm, device: torch.device) -> dict:
     """Accuracy on `dm`'s fixed test episodes (mean of the per-episode accuracies, 95% interval), the wall time
     of the evaluation forward (adaptation included) per episode and episodes per second, and the peak memory
-    (MB) of the tensors one test batch allocates (measured after the timed pass)."""
+    (MB) of the tensors one test batch allocates (measured after the timed pass); for streams also the accuracy
+    on the s-th instances of the classes, s = 1..S (``by_instance``: instance, acc, ci95)."""
     dm.setup("test")
     model.eval().to(device)
-    accs, seconds, episodes = [], 0.0, 0
+    accs, by_instance, seconds, episodes = [], [], 0.0, 0
     for batch in dm.test_dataloader():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         logits, took = timed_call(lambda: evaluate(model, batch), device)
         seconds += took
         episodes += len(logits)
-        accs.append(episode_accuracy(logits, batch["query_labels"]).cpu())
+        accs.append(episode_accuracy(logits, targets(batch)).cpu())
+        if "stream" in batch:
+            by_instance.append(accuracy_by_instance(logits, targets(batch)).cpu())
     mean, ci = confidence_interval(torch.cat(accs))
-    return {"acc": mean, "ci95": ci, "episodes": episodes, "test_ms_per_episode": 1000 * seconds / episodes,
-            "test_episodes_per_s": episodes / seconds,
-            "test_peak_mem_mb": peak_tensor_mb(lambda: evaluate(model, batch), device)}
+    result = {"acc": mean, "ci95": ci, "episodes": episodes, "test_ms_per_episode": 1000 * seconds / episodes,
+              "test_episodes_per_s": episodes / seconds,
+              "test_peak_mem_mb": peak_tensor_mb(lambda: evaluate(model, batch), device)}
+    if by_instance:
+        columns = torch.cat(by_instance).T  # [S, n]
+        result["by_instance"] = [dict(zip(("acc", "ci95"), confidence_interval(c[~c.isnan()])), instance=s)
+                                 for s, c in enumerate(columns, start=1)]
+    return result

@@ -11,8 +11,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ..errors import UserError
 from .augment import augment
-from .episodes import ClassImages, EpisodeSpec, materialize, sample_episodes
+from .episodes import IMAGE_KEYS, ClassImages, EpisodeSpec, StreamSpec
 from .registry import DATASETS, image_size_or_native
+
+Spec = EpisodeSpec | StreamSpec
+PROTOCOLS = ("batch", "online")  # all supports then the queries (EpisodeSpec); one image at a time (StreamSpec)
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -21,7 +24,7 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
 
 
 class TrainEpisodes(IterableDataset):
-    """The training stream: `batches` meta-batches per epoch, starting at batch number `start`.
+    """The training batches: `batches` meta-batches per epoch, starting at batch number `start`.
 
     Batch i is drawn with a generator seeded by (seed, i) alone, so the stream is the same with any number of
     loader workers (worker w yields i = start + w, start + w + W, ...), and a resumed run picks it up at any batch.
@@ -31,9 +34,9 @@ class TrainEpisodes(IterableDataset):
     with `label_space`, each episode also carries label_ids [N]: N distinct ids drawn from [0, label_space).
     """
 
-    def __init__(self, data: ClassImages, specs: EpisodeSpec | list[EpisodeSpec], meta_batch_size: int, batches: int,
+    def __init__(self, data: ClassImages, specs: Spec | list[Spec], meta_batch_size: int, batches: int,
                  rotations: bool, seed: int, start: int = 0, augment: bool = False, label_space: int | None = None):
-        specs = [specs] if isinstance(specs, EpisodeSpec) else list(specs)
+        specs = list(specs) if isinstance(specs, list | tuple) else [specs]
         self.data, self.specs, self.meta_batch_size, self.batches = data, specs, meta_batch_size, batches
         self.rotations, self.seed, self.start, self.augment, self.label_space = rotations, seed, start, augment, label_space
 
@@ -48,10 +51,10 @@ class TrainEpisodes(IterableDataset):
             gen = torch.Generator().manual_seed(hash((self.seed, i)) % 2**63)
             spec = self.specs[int(torch.randint(len(self.specs), (), generator=gen))] if len(self.specs) > 1 \
                 else self.specs[0]
-            idx = sample_episodes(self.meta_batch_size, spec, C, S, gen, self.rotations, self.data.counts)
-            batch = materialize(self.data.images, idx, spec.shots)
+            idx = spec.sample(self.meta_batch_size, C, S, gen, self.rotations, self.data.counts)
+            batch = spec.batch(self.data.images, idx)
             if self.augment:
-                batch["support"], batch["query"] = augment(batch["support"], gen), augment(batch["query"], gen)
+                batch.update({key: augment(batch[key], gen) for key in IMAGE_KEYS if key in batch})
             if self.label_space:
                 batch["label_ids"] = torch.rand(len(idx), self.label_space, generator=gen).argsort(-1)[:, :spec.ways]
             yield {**batch, "batch_index": i}
@@ -60,16 +63,16 @@ class TrainEpisodes(IterableDataset):
 class FixedEpisodes(Dataset):
     """A fixed set of episodes drawn once from `seed`: the same episodes on every run and for every model."""
 
-    def __init__(self, data: ClassImages, spec: EpisodeSpec, episodes: int, seed: int):
+    def __init__(self, data: ClassImages, spec: Spec, episodes: int, seed: int):
         C, S = data.images.shape[:2]
         self.data, self.spec = data, spec
-        self.index = sample_episodes(episodes, spec, C, S, torch.Generator().manual_seed(seed), counts=data.counts)
+        self.index = spec.sample(episodes, C, S, torch.Generator().manual_seed(seed), counts=data.counts)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitems__(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        return materialize(self.data.images, self.index[torch.as_tensor(ids)], self.spec.shots)
+        return self.spec.batch(self.data.images, self.index[torch.as_tensor(ids)])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] if torch.is_tensor(v) else v for k, v in self.__getitems__([i]).items()}
@@ -80,7 +83,8 @@ def _identity(batch):
 
 
 class EpisodeDataModule(L.LightningDataModule):
-    """Few-shot episodes from Omniglot, miniImageNet, CIFAR-FS, the synthetic glyph set or your own class folders.
+    """Few-shot episodes from Omniglot, miniImageNet, CIFAR-FS, the synthetic glyph set or your own class folders,
+    in the batch protocol (supports, then queries) or the online one (a stream: ``ttt_meta.data.episodes``).
 
     Args:
         dataset: "omniglot", "miniimagenet", "cifarfs", "synthetic" or "folder" (the names in
@@ -91,6 +95,10 @@ class EpisodeDataModule(L.LightningDataModule):
             then ./data. Never written to, except by a download you allow.
         download: fetch the data set into root with torchvision / learn2learn when it is absent.
         cache_dir: where decoded image tensors are cached (default $TTT_META_CACHE, then ~/.cache/ttt_meta).
+        protocol: "batch": N-way K-shot episodes with Q queries per class; "online": streams of N classes with
+            `instances` images each in random order, every image predicted before its label is given (Santoro
+            et al. 2016); shots, queries and their eval_ and _up_to forms are then not used.
+        instances: images per class in a stream (online protocol only; default 10, as Santoro et al.).
         ways, shots, queries: N-way K-shot episodes with Q queries per class (training).
         ways_up_to, shots_up_to: train on episodes of varied sizes: each training batch draws its N uniformly from
             [ways, ways_up_to] and its K from [shots, shots_up_to] (one model for several settings; with a
@@ -116,7 +124,8 @@ class EpisodeDataModule(L.LightningDataModule):
     """
 
     def __init__(self, dataset: str = "omniglot", root: str | None = None, download: bool = False,
-                 cache_dir: str | None = None, ways: int = 5, shots: int = 1, queries: int = 15,
+                 cache_dir: str | None = None, protocol: str = "batch", instances: int | None = None, ways: int = 5,
+                 shots: int = 1, queries: int = 15,
                  ways_up_to: int | None = None, shots_up_to: int | None = None,
                  eval_ways: int | None = None, eval_shots: int | None = None, eval_queries: int | None = None,
                  meta_batch_size: int = 16,
@@ -127,6 +136,16 @@ class EpisodeDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise UserError(f"unknown data.dataset {dataset!r}. Set it to one of {tuple(DATASETS)}")
+        if protocol not in PROTOCOLS:
+            raise UserError(f"unknown data.protocol {protocol!r}. Set it to one of {PROTOCOLS}")
+        unused = [f"data.{name}" for name, value in [("shots_up_to", shots_up_to), ("eval_shots", eval_shots),
+                                                     ("eval_queries", eval_queries)] if value is not None]
+        if protocol == "online" and unused:
+            raise UserError(f"{' and '.join(unused)} set the supports and queries of batch episodes; a stream of the "
+                            f"online protocol has data.instances images per class instead. Remove them")
+        if protocol == "batch" and instances is not None:
+            raise UserError("data.instances sets the images per class of a stream (data.protocol: online); batch "
+                            "episodes have data.shots and data.queries. Remove it, or set data.protocol: online")
         image_size = image_size_or_native(dataset, image_size)
         rotations = DATASETS[dataset].rotations if rotations is None else rotations
         for name, value in [("meta_batch_size", meta_batch_size), ("train_batches_per_epoch", train_batches_per_epoch),
@@ -144,10 +163,15 @@ class EpisodeDataModule(L.LightningDataModule):
                             f"episode needs {most_ways} distinct label ids. Raise data.label_space or remove it")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.hparams.update(image_size=image_size, rotations=rotations)  # the data set's defaults, resolved
-        self.train_specs = [EpisodeSpec(n, k, queries) for n in range(ways, most_ways + 1)
-                            for k in range(shots, (shots_up_to or shots) + 1)]
+        if protocol == "online":
+            instances = instances or 10
+            self.train_specs: list[Spec] = [StreamSpec(n, instances) for n in range(ways, most_ways + 1)]
+            self.eval_spec: Spec = StreamSpec(eval_ways or ways, instances)
+        else:
+            self.train_specs = [EpisodeSpec(n, k, queries) for n in range(ways, most_ways + 1)
+                                for k in range(shots, (shots_up_to or shots) + 1)]
+            self.eval_spec = EpisodeSpec(eval_ways or ways, eval_shots or shots, eval_queries or queries)
         self.train_spec = self.train_specs[-1]  # the largest: what the data must be able to give
-        self.eval_spec = EpisodeSpec(eval_ways or ways, eval_shots or shots, eval_queries or queries)
         self.splits: dict[str, ClassImages] | None = None
         self.train_stream: TrainEpisodes | None = None
         self.resume_at = 0  # the training batch to start from, restored from a checkpoint

@@ -9,6 +9,11 @@ Batch of episodes (what the learners receive):
     query   [B, N*Q, C, H, W] uint8, query_labels   [B, N*Q] int64,
     ways    N (an int)
     label_ids [B, N] int64, training batches with data.label_space only: the id a sequence model gives class n
+
+Batch of streams (the online protocol, Santoro et al. 2016: ``StreamSpec``): N classes with S instances each,
+shuffled into one sequence; the learner predicts image t's class from images 0..t and labels 0..t-1 (label t
+arrives with the next step):
+    stream [B, N*S, C, H, W] uint8, stream_labels [B, N*S] int64, ways N (and label_ids as above)
 """
 
 from __future__ import annotations
@@ -74,6 +79,59 @@ class EpisodeSpec:
             raise UserError(f"shots + queries = {self.shots + self.queries} exceeds the {fewest} {which} the {split} "
                             f"split. Lower data.{prefix}shots or data.{prefix}queries{default}"
                             f"{', or add images to that class' if uneven else ''}")
+
+
+    def sample(self, n: int, num_classes: int, samples_per_class: int, generator: torch.Generator,
+               rotations: bool = False, counts: Tensor | None = None) -> EpisodeIndex:
+        """The indices of `n` episodes (``sample_episodes``)."""
+        return sample_episodes(n, self, num_classes, samples_per_class, generator, rotations, counts)
+
+    def batch(self, images: Tensor, idx: EpisodeIndex) -> dict[str, Tensor]:
+        """The batch of episodes `idx` (``materialize``)."""
+        return materialize(images, idx, self.shots)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Streams of N classes with S instances each (the online protocol: module doc)."""
+
+    ways: int
+    instances: int
+
+    def check(self, names: list[str], sizes: list[int], split: str) -> None:
+        """Raise a UserError naming the option to change when the streams cannot be drawn from the classes `names`
+        of `split`, of sizes[c] images each."""
+        prefix, default = ("", "") if split == "train" else ("eval_", " (unset, it takes data.ways)")
+        if self.ways < 2 or self.instances < 1:
+            raise UserError(f"{split} streams need ways >= 2 and instances >= 1, got ways={self.ways}, "
+                            f"instances={self.instances}. Set data.{prefix}ways and data.instances to such values")
+        if self.ways > len(names):
+            raise UserError(f"{self.ways}-way streams need {self.ways} classes but the {split} split has "
+                            f"{len(names)}. Lower data.{prefix}ways{default}")
+        if self.instances > min(sizes):
+            raise UserError(f"data.instances = {self.instances} exceeds the {min(sizes)} images of the smallest class "
+                            f"of the {split} split. Lower data.instances")
+
+    def sample(self, n: int, num_classes: int, samples_per_class: int, generator: torch.Generator,
+               rotations: bool = False, counts: Tensor | None = None) -> EpisodeIndex:
+        """The indices of `n` streams: episodes of S supports per class and no queries, the supports' shuffle
+        being the stream's order."""
+        spec = EpisodeSpec(self.ways, self.instances, 0)
+        return sample_episodes(n, spec, num_classes, samples_per_class, generator, rotations, counts)
+
+    def batch(self, images: Tensor, idx: EpisodeIndex) -> dict[str, Tensor]:
+        """The batch of streams `idx` (module doc)."""
+        episodes = materialize(images, idx, self.instances)
+        return {"stream": episodes["support"], "stream_labels": episodes["support_labels"], "ways": self.ways}
+
+
+IMAGE_KEYS = ("support", "query", "stream")  # the keys of a batch that hold images
+
+
+def targets(batch: dict) -> Tensor:
+    """What a batch's logits are scored against: query_labels [B, N*Q] of episodes, stream_labels [B, N*S] of
+    streams."""
+    return batch["stream_labels"] if "stream" in batch else batch["query_labels"]
 
 
 @dataclass(frozen=True)

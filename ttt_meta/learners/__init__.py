@@ -2,8 +2,8 @@
 
 from .base import EpisodicLearner
 from .maml import MAMLLearner
-from .protonet import ProtoNetLearner
+from .protonet import OnlineProtoNetLearner, ProtoNetLearner
 from .readout import TTTReadoutLearner
 from .sequence import SequenceMetaLearner
 
-__all__ = ["EpisodicLearner", "MAMLLearner", "ProtoNetLearner", "SequenceMetaLearner", "TTTReadoutLearner"]
+__all__ = ["EpisodicLearner", "MAMLLearner", "OnlineProtoNetLearner", "ProtoNetLearner", "SequenceMetaLearner", "TTTReadoutLearner"]

@@ -1,9 +1,11 @@
 """EpisodicLearner: what every few-shot learner shares (loss, metrics, the model/data contract, the optimiser).
 
 A subclass implements ``forward(batch) -> logits [B, N*Q, N]`` for a batch of episodes (see
-``ttt_meta.data.episodes``); images arrive as uint8 and ``images()`` turns them into floats in [0, 1]. It
-declares the episodes it can score with ``ways_served()``; ``check_data`` (once per run) and ``predict`` hold
-data and folders of images to that.
+``ttt_meta.data.episodes``), and, to learn online, ``stream_logits(batch) -> [B, T, N]`` for a batch of streams
+(the logits of step t read images 0..t and labels 0..t-1 only); ``logits(batch)`` calls the one the batch asks
+for. Images arrive as uint8 and ``images()`` turns them into floats in [0, 1]. A learner declares the episodes it
+can score with ``ways_served()``; ``check_data`` (once per run) and ``predict`` hold data and folders of images
+to that.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import CatMetric, MeanMetric
 
+from ..data.episodes import StreamSpec, targets
 from ..errors import TrainingDiverged, UserError
-from ..measure import confidence_interval, episode_accuracy
+from ..measure import accuracy_by_instance, confidence_interval, episode_accuracy
 
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -39,6 +42,7 @@ class EpisodicLearner(L.LightningModule):
     """
 
     reads_label_ids = False  # whether forward uses a batch's label_ids (data.label_space)
+    learns_online = False  # whether it implements stream_logits (data.protocol: online)
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
                  lr_schedule: str = "cosine"):
@@ -52,6 +56,7 @@ class EpisodicLearner(L.LightningModule):
         # nan_strategy "disable": the default NaN check reads every update back from the device
         self.train_acc, self.val_acc, self.val_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.test_acc = CatMetric()  # per-episode accuracies, gathered across processes
+        self.test_acc_by_instance = CatMetric()  # streams: per-stream accuracies on the 1st..S-th instances [n, S]
 
     def ways_served(self) -> tuple[int, int | None]:
         """(fewest, most) ways of the episodes this learner can score; most None: any number."""
@@ -75,6 +80,9 @@ class EpisodicLearner(L.LightningModule):
         have this model's shape (in_channels, image_size), its episodes (data.ways[_up_to], data.eval_ways) or label ids
         (data.label_space) ask for ways the model does not serve, or it draws label ids for a model that reads none."""
         hp, label_space = self.hparams, datamodule.hparams.label_space
+        if isinstance(datamodule.eval_spec, StreamSpec) and not self.learns_online:
+            raise UserError(f"{type(self).__name__} cannot learn from a stream (data.protocol: online). Use a learner "
+                            f"that can (SequenceMetaLearner, OnlineProtoNetLearner, MAMLLearner) or data.protocol: batch")
         if label_space and not self.reads_label_ids:
             raise UserError(f"data.label_space has no effect on {type(self).__name__} (its classes have no label "
                             f"ids). Remove data.label_space")
@@ -101,10 +109,19 @@ class EpisodicLearner(L.LightningModule):
     def images(x: Tensor) -> Tensor:
         return x.float().div_(255)
 
+    def stream_logits(self, batch: dict) -> Tensor:
+        """Logits [B, T, N] of a batch of streams, step t from images 0..t and labels 0..t-1."""
+        raise UserError(f"{type(self).__name__} cannot learn from a stream (data.protocol: online)")
+
+    def logits(self, batch: dict) -> Tensor:
+        """The logits of a batch: of its queries [B, N*Q, N] (episodes, ``forward``), of its steps [B, T, N]
+        (streams, ``stream_logits``)."""
+        return self.stream_logits(batch) if "stream" in batch else self(batch)
+
     def loss_and_accuracy(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """(cross-entropy of the queries, per-episode accuracy [B]) of a batch of episodes: every step's work."""
-        logits = self(batch)
-        y = batch["query_labels"]
+        """(cross-entropy of the queries, or of a stream's steps, and the per-episode accuracy [B]) of a batch:
+        every step's work."""
+        logits, y = self.logits(batch), targets(batch)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten()), episode_accuracy(logits, y)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -153,16 +170,29 @@ class EpisodicLearner(L.LightningModule):
         self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=len(acc))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_acc.update(self.loss_and_accuracy(batch)[1])
+        logits, y = self.logits(batch), targets(batch)
+        self.test_acc.update(episode_accuracy(logits, y))
+        if "stream" in batch:
+            self.test_acc_by_instance.update(accuracy_by_instance(logits, y))
 
     def on_test_epoch_end(self) -> None:
-        """test/acc, test/ci95 and test/episodes over every process's episodes, each once; also kept as
+        """test/acc, test/ci95 and test/episodes over every process's episodes, each once, and for streams the
+        accuracy on the s-th instances (test/acc_instance_<s>, test/ci95_instance_<s>); also kept as
         ``test_result`` for the report (``inspection.TestReport``)."""
         acc = self.test_acc.compute().float().flatten()
         self.test_acc.reset()
         mean, ci = confidence_interval(acc)
         self.test_result = {"acc": mean, "ci95": ci, "episodes": acc.numel()}
-        self.log_dict({"test/acc": mean, "test/ci95": ci, "test/episodes": float(acc.numel())}, sync_dist=False)
+        logged = {"test/acc": mean, "test/ci95": ci, "test/episodes": float(acc.numel())}
+        if self.test_acc_by_instance.update_count:
+            by_instance = self.test_acc_by_instance.compute().float()  # [n, S]
+            self.test_acc_by_instance.reset()
+            self.test_result["by_instance"] = []
+            for s, column in enumerate(by_instance.T, start=1):
+                mean, ci = confidence_interval(column[~column.isnan()])
+                self.test_result["by_instance"].append({"instance": s, "acc": mean, "ci95": ci})
+                logged.update({f"test/acc_instance_{s}": mean, f"test/ci95_instance_{s}": ci})
+        self.log_dict(logged, sync_dist=False)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -8,6 +8,10 @@ al. and learn2learn); ``transductive: false`` normalises the queries with the su
 each query's logits depend on the supports and itself only. ``meta_sgd: true``
 switches to Meta-SGD (learned per-parameter inner learning rates, initialised at `inner_lr`). Evaluation needs
 autograd for the adaptation, so it runs with gradients on inside validation and test.
+
+On a stream (the online protocol) step t adapts a fresh clone on the t labelled images before it and scores image
+t alone (step 0 is scored by the meta-model): T adaptations per stream of T images, on up to T - 1 images each,
+so a stream costs O(T^2) image passes per adaptation step where a sequence learner's costs O(T).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class MAMLLearner(EpisodicLearner):
         self.record, self.support_losses = False, []  # (before, after) adaptation, per episode, when recording
 
     ways_fix = "Set model.init_args.ways to the data's ways (data.ways, data.eval_ways)"
+    learns_online = True
 
     def ways_served(self) -> tuple[int, int]:
         """Exactly the rows of the head."""
@@ -109,10 +114,27 @@ class MAMLLearner(EpisodicLearner):
         return {"maml/support_loss_before": before, "maml/support_loss_after": after,
                 "maml/support_loss_ratio": after / before}
 
-    def forward(self, batch: dict) -> Tensor:
-        if batch["ways"] != self.hparams.ways:
-            raise ValueError(f"{batch['ways']}-way episodes but this MAML head has {self.hparams.ways} ways; "
+    def check_ways(self, ways: int) -> None:
+        if ways != self.hparams.ways:
+            raise ValueError(f"{ways}-way episodes but this MAML head has {self.hparams.ways} ways; "
                              f"set model.init_args.ways to the data's ways")
+
+    def stream_logits(self, batch: dict) -> Tensor:
+        """Step t: a clone adapted on steps 0..t-1 scores image t (module doc). [B, T, N]."""
+        self.check_ways(batch["ways"])
+        steps = self.hparams.train_steps if self.training else self.hparams.test_steps
+        with torch.inference_mode(False), torch.enable_grad():
+            streams, labels = self.images(batch["stream"].clone()), batch["stream_labels"].clone()
+            logits = []
+            for x, y in zip(streams, labels, strict=True):
+                for t in range(len(x)):
+                    learner = self.adapt(x[:t], y[:t], steps) if t else self.maml.clone()
+                    out = learner(x[t:t + 1])[0]
+                    logits.append(out if self.training else out.detach())
+        return torch.stack(logits).view(*labels.shape, -1)
+
+    def forward(self, batch: dict) -> Tensor:
+        self.check_ways(batch["ways"])
         steps = self.hparams.train_steps if self.training else self.hparams.test_steps
         with torch.inference_mode(False), torch.enable_grad():  # evaluation adapts with autograd too
             support, query = self.images(batch["support"].clone()), self.images(batch["query"].clone())

@@ -13,7 +13,8 @@ from .protonet import prototype_logits
 
 
 class SequenceMetaLearner(EpisodicLearner):
-    """Conv encoder -> label-carrying support tokens and read-only query tokens -> sequence core -> N-way head.
+    """Conv encoder -> label-carrying support tokens and read-only query tokens -> sequence core -> N-way head;
+    on a stream, one causal pass in which token t carries image t and label t-1 (``ttt_meta.nn.model``).
 
     Args:
         core: "ttt_linear", "ttt_mlp", "lstm" or "attention" (see ``ttt_meta.nn.cores``).
@@ -45,6 +46,7 @@ class SequenceMetaLearner(EpisodicLearner):
             mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form, lstm_hidden=lstm_hidden)
 
     reads_label_ids = True
+    learns_online = True
     ways_fix = "Raise model.init_args.max_ways (a checkpoint cannot grow it)"
 
     def ways_served(self) -> tuple[int, int]:
@@ -56,6 +58,11 @@ class SequenceMetaLearner(EpisodicLearner):
 
     def forward(self, batch: dict) -> Tensor:
         return self.logit_terms(batch)[0]
+
+    def stream_logits(self, batch: dict) -> Tensor:
+        """A stream as one causal sequence (``ttt_meta.nn.model``): logits [B, T, N]."""
+        features = self.model.encode(self.images(batch["stream"]))  # [B, T, F]
+        return self.model.stream_logits(features, batch["stream_labels"], batch["ways"], batch.get("label_ids"))
 
     def logit_terms(self, batch: dict, prototype: bool = False) -> tuple[Tensor, Tensor | None]:
         """(the sequence model's logits [B, NQ, N], with `prototype` ProtoNets' logits of the encoder's features

@@ -3,12 +3,15 @@
 The first `writers` tokens (the supports of an episode) write; the rest (the queries) only read: no core lets a
 query influence another token, so each query's output depends on the supports and itself alone. `writers` is a
 Python int (the host knows it from the batch's shapes), so no core reads a value back from the device.
+``writers=None`` is a stream: every token writes, in order, and each token's output depends on the tokens before
+it and itself alone (causal).
 
 - ``ttt_linear`` / ``ttt_mlp``: TTT layers (``ttt.py``); read-only tokens get inner learning rate 0.
 - ``lstm``: an LSTM layer reads the supports once; every query then takes one LSTM step from the supports'
   final (h, c), all queries in parallel. Its hidden size gives the core about as many parameters as a
   TTT-Linear core of the same width; the model's blocks stack the layers.
-- ``attention``: softmax self-attention; supports attend to supports, each query to the supports and itself.
+- ``attention``: softmax self-attention; supports attend to supports, each query to the supports and itself
+  (a stream: each token to the tokens before it and itself).
 """
 
 from __future__ import annotations
@@ -70,10 +73,11 @@ class AttentionCore(nn.Module):
     def forward(self, x: Tensor, writers: int | None = None) -> Tensor:
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        mask = None
-        if writers is not None:  # allowed[i, j]: j writes, or j is i
+        if writers is None:  # a stream: causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # allowed[i, j]: j writes, or j is i
             mask = (torch.arange(T, device=x.device) < writers) | torch.eye(T, dtype=torch.bool, device=x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
 
 

@@ -6,6 +6,11 @@
     logits    = Linear(LN(x_query))[:, :, id]                       [B, N*Q, N]   (query_logits)
               = Linear(LN(x_query)) @ code[id].T / sqrt(width)      (tied_head)
 
+A stream (the online protocol, ``stream_logits``) is one causal sequence: token t carries image t and the label
+of image t-1 (token 0 the "no label" row), every token writes, each reads the tokens before it and itself
+(``writers=None`` in ``ttt_meta.nn.cores``), and the head reads every position: logits [B, T, N], step t's from
+images 0..t and labels 0..t-1.
+
 code [max_ways + 1, width] (``label_rows``) holds a row per label id and, last, the "no label" row. id [B, N] maps
 an episode's classes 0..N-1 to rows of the codes and the head: 0..N-1 by default, random ids from [0, max_ways) in
 training with data.label_space. With random ids an untied head row is trained only in the episodes that draw it;
@@ -92,11 +97,11 @@ class EpisodeSequenceModel(nn.Module):
             return self.label_embed.weight
         return torch.cat([self.fixed_label_codes, self.no_label_code[None]])
 
-    def encode(self, support: Tensor, query: Tensor) -> Tensor:
-        """support [B, NK, C, H, W], query [B, NQ, C, H, W] (float) -> features [B, NK + NQ, F], supports first:
-        one encoder pass over the episode's images."""
-        B, T = support.shape[0], support.shape[1] + query.shape[1]
-        return self.encoder(torch.cat([support, query], dim=1).flatten(0, 1)).view(B, T, -1)
+    def encode(self, *images: Tensor) -> Tensor:
+        """images [B, T_i, C, H, W] (float; an episode's supports and queries, or a stream) -> features
+        [B, sum T_i, F], in that order: one encoder pass over all of them."""
+        x = torch.cat(images, dim=1)
+        return self.encoder(x.flatten(0, 1)).view(*x.shape[:2], -1)
 
     def query_logits(self, features: Tensor, support_labels: Tensor, ways: int,
                      label_ids: Tensor | None = None) -> Tensor:
@@ -112,9 +117,28 @@ class EpisodeSequenceModel(nn.Module):
         x = self.embed(features) + F.embedding(labels, codes)
         for block in self.blocks:
             x = block(x, NK)
-        logits = self.head(self.norm(x[:, NK:]))
+        return self.head_logits(x[:, NK:], codes, ways, label_ids)
+
+    def stream_logits(self, features: Tensor, labels: Tensor, ways: int, label_ids: Tensor | None = None) -> Tensor:
+        """features [B, T, F] of a stream's images, labels [B, T] -> logits [B, T, ways]; step t's from images
+        0..t and labels 0..t-1 (module doc)."""
+        if ways > self.max_ways:
+            raise ValueError(f"{ways}-way streams but the model was built for at most {self.max_ways} ways")
+        if label_ids is not None:
+            labels = label_ids.gather(1, labels)
+        previous = torch.cat([labels.new_full((labels.shape[0], 1), self.max_ways), labels[:, :-1]], dim=1)
+        codes = self.label_rows()
+        x = self.embed(features) + F.embedding(previous, codes)
+        for block in self.blocks:
+            x = block(x, None)
+        return self.head_logits(x, codes, ways, label_ids)
+
+    def head_logits(self, x: Tensor, codes: Tensor, ways: int, label_ids: Tensor | None) -> Tensor:
+        """Tokens x [B, T, width] -> logits [B, T, ways] of the episode's classes (label_ids [B, ways] or None:
+        0..ways-1)."""
+        logits = self.head(self.norm(x))
         if self.tied_head:
             logits = logits @ codes[:self.max_ways].T * codes.shape[1]**-0.5
         if label_ids is None:
             return logits[..., :ways]
-        return logits.gather(2, label_ids.unsqueeze(1).expand(B, T - NK, ways))
+        return logits.gather(2, label_ids.unsqueeze(1).expand(*x.shape[:2], ways))
