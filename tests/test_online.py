@@ -1,6 +1,7 @@
 """The online protocol: streams drawn as promised, accuracy by instance counted right, every online learner causal
 (step t's logits read images 0..t and labels 0..t-1 only) and equal to its reference, and the run's report."""
 
+import csv
 import itertools
 import json
 
@@ -174,3 +175,47 @@ def test_an_online_run_reports_accuracy_by_instance(tmp_path, monkeypatch):
     mean = sum(r["acc"] for r in report["by_instance"]) / 4
     assert mean == pytest.approx(report["acc"], abs=1e-6)
     assert all(r["ci95"] > 0 for r in report["by_instance"])
+
+
+def test_predict_a_stream_from_folders(tmp_path, capsys):
+    """predict --stream: each labelled image's probabilities equal the model's step logits on the stream of the
+    labelled images (softmax), an unlabelled image's the last step of the labelled stream plus it; instance numbers
+    and the printed accuracy counted from the CSV; a labelled image after an unlabelled one is refused."""
+    from PIL import Image
+
+    from ttt_meta.cli import main
+    from ttt_meta.predict import load_model
+    model = make("ttt_linear")  # small logits at initialisation: probabilities far from 0 and 1
+    ckpt = tmp_path / "online.ckpt"
+    hparams = {"_class_path": "ttt_meta.learners.SequenceMetaLearner", **model.hparams}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, ckpt)
+    batch = streams(n=1, ways=3, instances=3)
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    names = [f"{t:03d}.png" for t in range(9)]
+    for name, img in zip(names, batch["stream"][0, :, 0]):
+        Image.fromarray(img.numpy()).save(folder / name)
+    words = ["alpha", "beta", "gamma"]
+    labels = [words[y] for y in batch["stream_labels"][0].tolist()]
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{n},{y}\n" for n, y in zip(names[:7], labels)))
+    out = tmp_path / "pred.csv"
+    result = main(["predict", "--ckpt_path", str(ckpt), "--stream", str(folder), "--labels",
+                   str(tmp_path / "labels.csv"), "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    model = load_model(ckpt)
+    order = list(dict.fromkeys(labels[:7]))  # labels numbered by first appearance
+    ids = torch.tensor([[order.index(y) for y in labels[:7]]])
+    with torch.no_grad():
+        want = model.logits({"stream": batch["stream"][:, :7], "stream_labels": ids, "ways": 3})[0].softmax(-1)
+        last = model.logits({"stream": batch["stream"][:, [*range(7), 8]], "stream_labels": torch.cat(
+            [ids, ids[:, :1]], 1), "ways": 3})[0, -1].softmax(-1)
+    got = torch.tensor([[float(r[f"p_{n}"]) for n in order] for r in rows])
+    torch.testing.assert_close(got[:7], want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[8], last, atol=1e-4, rtol=0)
+    assert [r["label"] for r in rows] == labels[:7] + ["", ""]
+    assert [r["instance"] for r in rows[:7]] == [str(labels[:t + 1].count(labels[t])) for t in range(7)]
+    right = [r["predicted"] == r["label"] for r in rows[:7]]
+    assert result["acc"] == sum(right) / 7 and "accuracy on the labelled images" in capsys.readouterr().out
+    (tmp_path / "gap.csv").write_text(f"{names[0]},alpha\n{names[2]},beta\n")
+    with pytest.raises(UserError, match="001.png has no label but a later image has"):
+        main(["predict", "--ckpt_path", str(ckpt), "--stream", str(folder), "--labels", str(tmp_path / "gap.csv")])
