@@ -190,6 +190,24 @@ def test_compare_trains_for_a_step_budget_and_extends_exactly(tmp_path, monkeypa
     assert [(r["model"], r["train_steps"]) for r in rows] == [("ttt_linear", 5), ("ttt_linear_mb2", 6)]
 
 
+def test_compare_scores_streams_by_instance(tmp_path, monkeypatch):
+    """--setting online_5way: each row holds the test accuracy on the s-th instances (s = 1..S) with intervals,
+    whose mean over s is the row's accuracy; the table shows them and the caption says streams."""
+    compare = script("compare")
+    monkeypatch.chdir(tmp_path)
+    overrides = ["data.dataset=synthetic", "data.instances=3", "data.val_episodes=4", "data.test_episodes=6",
+                 "data.eval_batch_size=3", "data.meta_batch_size=2", "model.init_args.encoder_channels=4"]
+    rows = compare.main(["--setting", "online_5way", "--val-every", "1000", "--override", *overrides, "--out",
+                         str(tmp_path / "results"), "--models", "ttt_linear", "protonet", "--steps", "2"])
+    for r in rows:
+        assert [p["instance"] for p in r["by_instance"]] == [1, 2, 3]
+        assert sum(p["acc"] for p in r["by_instance"]) / 3 == pytest.approx(r["acc"], abs=1e-6)
+    saved = json.loads((tmp_path / "results" / "compare_synthetic_online_5way.json").read_text())
+    assert "| 1st instance | 2nd instance | 3rd instance |" in saved["markdown"]
+    assert "6 fixed test streams (3 instances per class" in saved["markdown"]
+    assert saved["meta"]["protocol"] == "online"
+
+
 def test_bench_encoders_quick(tmp_path):
     bench_encoders = script("bench_encoders")
     rows = bench_encoders.main(["--quick", "--datasets", "miniimagenet", "--settings", "5w1s", "--repeats", "1",
