@@ -2,37 +2,32 @@
 
     e         = encoder(image)                                     [B, T, F]   T = N*K + N*Q, supports first
     x         = e theta                                            theta [F, F], the identity at initialisation
-    x         = x + C_l(LN(x) (+ s * code[y] at supports))          l = 1 .. context_layers     (context layers)
+    x         = x + C_l(LN(x))                                     l = 1 .. context_layers     (context layers)
     h         = x - mu ;  k_j, q = unit(h)                          mu = mean of the supports' h   (per episode)
     eta_j     = eta_base * sigmoid(gate(h_j)) / K                   each class's K supports share eta_base at most
     logits    = scale * ttt_readout(q, k, onehot(y), eta, inner_epochs)                          [B, N*Q, N]
 
-A context layer C_l is a TTT layer (TTT-Linear or TTT-MLP, ``ttt_meta.nn.ttt``) over the episode: its inner model
-is trained on the supports, read inner_epochs times in a row, by one gradient step per context_mini_batch
+A context layer C_l is a TTT-Linear layer (``ttt_meta.nn.ttt``) over the episode: its inner model is trained on
+the supports, read inner_epochs times in a row, by one gradient step per context_mini_batch
 consecutive tokens of that stream (0: one step per pass over all supports); then every token, support and query
 alike, reads the end state. So a query depends on the supports and itself alone, and a support on all supports
 (set-to-set adaptation of the features, as FEAT's). It runs as one TTT sequence: the supports once per pass as
 writers, then every token as a reader:
 
-    C_l(x) = TTT([x_S (+ s * code[y]), ..., x_S (+ s * code[y]), x_S, x_Q], writers = inner_epochs * N*K)[readers]
+    C_l(x) = TTT([x_S, ..., x_S, x_S, x_Q], writers = inner_epochs * N*K)[readers]
 
-Its output projection starts at 0, so at initialisation the learner is the readout alone. With context_labels
-the writing supports carry their label: a fixed simplex code (``ttt_meta.nn.model.simplex_frame``, CAML's
-equiangular codes) scaled by a learned s; the readers carry features only. context_core "readout" makes each
-context layer a readout instead (``ReadoutContextLayer``): a linear inner model fit to the supports' label codes,
-whose predicted code every token adds to its features.
+Its output projection starts at 0, so at initialisation the learner is the readout alone. (The issue-30 search
+also screened TTT-MLP and readout context layers, label-carrying keys and a learned W0 with label-code targets;
+none was adopted, and they left the code: results/search_omniglot_20w*.json name the commits that hold them.)
 
 The last layer, ``ttt_readout``, trains a linear map W [F, N] from 0 on the supports by inner_epochs batch gradient
 steps of sum_j eta_j 0.5 ||k_j W - y_j||^2 inside the forward, and the queries read it. At one step it is a cosine
-prototype classifier with learned support weights. With learned_w0 its targets are the episode's simplex codes
-[N, F] instead of one-hot labels, W [F, F] starts from a learned class-agnostic W0, and logits are (q W) . code_n
-/ F. No parameter belongs to a class, so one model serves any number of ways and shots (up to F + 1 ways with
-codes).
+prototype classifier with learned support weights. No parameter belongs to a class, so one model serves any
+number of ways and shots.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -41,41 +36,25 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..nn.encoders import make_encoder
-from ..nn.model import simplex_frame
-from ..nn.ttt import TTTLayer, TTTLinear, TTTMLP, ttt_readout_state
+from ..nn.ttt import TTTLayer, TTTLinear, ttt_readout_state
 from .base import EpisodicLearner
 from .protonet import prototype_logits
-
-CONTEXT_CORES = ("ttt_linear", "ttt_mlp", "readout")
-
-
-@functools.cache
-def _codes(ways: int, width: int) -> Tensor:
-    """The simplex codes [ways, width] of an episode's classes (CPU; the same for every model)."""
-    return simplex_frame(ways, width)
-
 
 class ContextLayer(nn.Module):
     """x + TTT(LN(x)) with every token reading the state the supports wrote (module docstring)."""
 
-    def __init__(self, core: str, width: int, num_heads: int, mini_batch_size: int, labels: bool):
+    def __init__(self, width: int, num_heads: int, mini_batch_size: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         # mini_batch_size 0: all supports in one batch (set per forward)
-        self.ttt = {"ttt_linear": TTTLinear, "ttt_mlp": TTTMLP}[core](width, num_heads,
-                                                                    mini_batch_size=max(mini_batch_size, 1))
+        self.ttt = TTTLinear(width, num_heads, mini_batch_size=max(mini_batch_size, 1))
         self.all_supports = mini_batch_size == 0
         nn.init.zeros_(self.ttt.theta_o.weight)  # the identity at initialisation
-        self.label_scale = nn.Parameter(torch.tensor(1.0)) if labels else None
 
-    def forward(self, x: Tensor, labels: Tensor, ways: int, shots: int, epochs: int) -> Tensor:
-        """x [B, T, F] (supports first), labels [B, NK] -> [B, T, F]."""
-        NK = labels.shape[1]
+    def forward(self, x: Tensor, NK: int, shots: int, epochs: int) -> Tensor:
+        """x [B, T, F] (the NK supports first) -> [B, T, F]."""
         y = self.norm(x)
-        writers = y[:, :NK]
-        if self.label_scale is not None:
-            writers = writers + self.label_scale * _codes(ways, x.shape[-1]).to(x)[labels]
-        sequence = torch.cat([writers] * epochs + [y], dim=1)
+        sequence = torch.cat([y[:, :NK]] * epochs + [y], dim=1)
         out = self.ttt(sequence, writers=epochs * NK, eta_scale=1 / shots,
                        mini_batch_size=NK if self.all_supports else None)
         return x + out[:, epochs * NK:]
@@ -92,43 +71,6 @@ def readout_stats(record: dict) -> dict[str, Tensor]:
             "state_change": (record["end"] - record["start"]).flatten(1).norm(dim=1).mean()}
 
 
-class ReadoutContextLayer(nn.Module):
-    """x + theta_o(k_t W) (context_core "readout"): a readout as a context layer. Its linear inner model W [F, F] is
-    fit from 0 to the supports' simplex label codes by inner_epochs batch gradient steps over unit keys of the
-    centred theta_k LN(x), and every token, support and query alike, adds the code it predicts; theta_o starts at 0."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.theta_k = nn.Linear(width, width, bias=False)
-        self.gate = nn.Linear(width, 1)
-        nn.init.normal_(self.gate.weight, std=0.02)
-        nn.init.zeros_(self.gate.bias)
-        self.theta_o = nn.Linear(width, width, bias=False)
-        nn.init.zeros_(self.theta_o.weight)  # the identity at initialisation
-        self.record, self.last_record = False, None
-
-    def forward(self, x: Tensor, labels: Tensor, ways: int, shots: int, epochs: int) -> Tensor:
-        """x [B, T, F] (supports first), labels [B, NK] -> [B, T, F]."""
-        NK = labels.shape[1]
-        h = self.theta_k(self.norm(x))
-        with torch.autocast(x.device.type, enabled=False):  # the inner loop in full precision
-            h = h.to(self.gate.weight.dtype)  # float32 from an autocast region
-            keys = F.normalize(h - h[:, :NK].mean(1, keepdim=True), dim=-1)
-            eta = torch.sigmoid(self.gate(keys[:, :NK])).squeeze(-1) / shots  # [B, NK]
-            codes = _codes(ways, x.shape[-1]).to(h)[labels]  # [B, NK, F]
-            W = ttt_readout_state(keys[:, :NK], codes, eta, epochs)
-            predicted = keys @ W  # [B, T, F]
-        if self.record:
-            self.last_record = {"k": keys[:, :NK].detach(), "y": codes, "eta": eta.detach(),
-                                "start": torch.zeros_like(W), "end": W.detach()}
-        return x + self.theta_o(predicted)
-
-    @torch.no_grad()
-    def recorded_stats(self) -> dict[str, Tensor]:
-        return {} if self.last_record is None else readout_stats(self.last_record)
-
-
 class TTTReadoutLearner(EpisodicLearner):
     """Conv encoder, context_layers TTT layers over the episode, then the TTT readout (module docstring).
 
@@ -136,20 +78,15 @@ class TTTReadoutLearner(EpisodicLearner):
         inner_epochs: passes of every TTT layer's inner model over the supports (the readout's: batch gradient
             steps; 1: linear attention).
         eta_base: the largest inner learning rate a class's supports take together in the readout.
-        context_layers: TTT layers over the episode before the readout (0: the readout alone).
-        context_core: the context layers' inner model: "ttt_linear" or "ttt_mlp" (trained to reconstruct the
-            supports' tokens), or "readout" (a linear map fit to their label codes; ``ReadoutContextLayer``).
-        context_heads: heads of the TTT-Linear or TTT-MLP context layers (the feature width must divide by it).
+        context_layers: TTT-Linear layers over the episode before the readout (0: the readout alone).
+        context_heads: heads of the context layers (the feature width must divide by it).
         context_mini_batch: supports per inner mini-batch of the context layers; 0: all supports at once.
-        context_labels: the writing supports carry their label's simplex code in the context layers.
-        learned_w0: the readout's targets are simplex label codes and its initial state W0 is learned.
         encoder, encoder_channels, in_channels, image_size: the image encoder and the images it reads.
         lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
     def __init__(self, inner_epochs: int = 1, eta_base: float = 1.0, context_layers: int = 0,
-                 context_core: str = "ttt_linear", context_heads: int = 4, context_mini_batch: int = 0,
-                 context_labels: bool = False, learned_w0: bool = False, encoder: str = "conv4",
+                 context_heads: int = 4, context_mini_batch: int = 0, encoder: str = "conv4",
                  encoder_channels: int = 64, in_channels: int = 1, image_size: int = 28, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 200, lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
@@ -162,34 +99,21 @@ class TTTReadoutLearner(EpisodicLearner):
         for name, value in (("context_layers", context_layers), ("context_mini_batch", context_mini_batch)):
             if value < 0:
                 raise UserError(f"{name} must be >= 0, got {value}. Set model.init_args.{name} to 0 or more")
-        if context_core not in CONTEXT_CORES:
-            raise UserError(f"unknown context_core {context_core!r}. Set model.init_args.context_core to one of "
-                            f"{list(CONTEXT_CORES)}")
         self.encoder = make_encoder(encoder, in_channels, encoder_channels, image_size)
         features = self.encoder.out_features
         self.theta = nn.Linear(features, features, bias=False)
         nn.init.eye_(self.theta.weight)
-        self.context = nn.ModuleList(
-            ReadoutContextLayer(features) if context_core == "readout"
-            else ContextLayer(context_core, features, context_heads, context_mini_batch, context_labels)
-            for _ in range(context_layers))
+        self.context = nn.ModuleList(ContextLayer(features, context_heads, context_mini_batch)
+                                     for _ in range(context_layers))
         self.gate = nn.Linear(features, 1)
         nn.init.normal_(self.gate.weight, std=0.02)
         nn.init.zeros_(self.gate.bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.W0 = nn.Parameter(torch.zeros(features, features)) if learned_w0 else None
         self.recording, self.last_record = False, None
 
-    def ways_served(self) -> tuple[int, int | None]:
-        """Any number of ways; with label codes (context_labels, a readout context layer, learned_w0) up to the
-        feature width + 1."""
-        context_codes = self.hparams.context_labels or self.hparams.context_core == "readout"
-        codes = context_codes and self.hparams.context_layers or self.hparams.learned_w0
-        return 2, self.encoder.out_features + 1 if codes else None
-
-    def ttt_layers(self) -> list[tuple[str, TTTLayer | ReadoutContextLayer]]:
+    def ttt_layers(self) -> list[tuple[str, TTTLayer]]:
         """The context layers' TTT layers (each with record, last_record and recorded_stats)."""
-        return [(f"context.{i}", getattr(layer, "ttt", layer)) for i, layer in enumerate(self.context)]
+        return [(f"context.{i}", layer.ttt) for i, layer in enumerate(self.context)]
 
     def forward(self, batch: dict) -> Tensor:
         return self.logit_terms(batch)[0]
@@ -204,25 +128,18 @@ class TTTReadoutLearner(EpisodicLearner):
         e = self.encoder(torch.cat([support, query], 1).flatten(0, 1)).view(B, NK + NQ, -1)
         x = self.theta(e)
         for layer in self.context:
-            x = layer(x, labels, ways, NK // ways, epochs)
+            x = layer(x, NK, NK // ways, epochs)
         with torch.autocast(x.device.type, enabled=False):  # the inner loop in full precision
             h = x.to(self.gate.weight.dtype)  # float32 from an autocast region
             h = h - h[:, :NK].mean(1, keepdim=True)
             keys = F.normalize(h, dim=-1)
             eta = self.hparams.eta_base * torch.sigmoid(self.gate(h[:, :NK])).squeeze(-1) * ways / NK  # [B, NK]
-            if self.W0 is None:
-                y, W0 = F.one_hot(labels, ways).to(h), None  # [B, NK, N]
-            else:
-                codes = _codes(ways, h.shape[-1]).to(h)  # [N, F]
-                y, W0 = codes[labels], self.W0
-            W = ttt_readout_state(keys[:, :NK], y, eta, epochs, W0)  # [B, F, N] or [B, F, F]
-            logits = keys[:, NK:] @ W
-            if self.W0 is not None:
-                logits = logits @ codes.T / h.shape[-1]
-            logits = self.log_scale.exp() * logits
+            y = F.one_hot(labels, ways).to(h)  # [B, NK, N]
+            W = ttt_readout_state(keys[:, :NK], y, eta, epochs)  # [B, F, N]
+            logits = self.log_scale.exp() * (keys[:, NK:] @ W)
         if self.recording:
             self.last_record = {"k": keys[:, :NK].detach(), "y": y.detach(), "eta": eta.detach(),
-                                "start": (torch.zeros_like(W) if W0 is None else W0.expand_as(W)).detach(),
+                                "start": torch.zeros_like(W),
                                 "end": W.detach()}
         return logits, prototype_logits(e[:, :NK], labels, e[:, NK:], ways) if prototype else None
 

@@ -39,7 +39,6 @@ supports (one mini-batch, ``epochs`` passes) from W_0 = 0, and read by the queri
     W_{e+1}  = W_e - sum_j eta_j k_j^T (k_j W_e - y_j)           e = 0 .. epochs - 1
     logits_q = q W_epochs                                        [N]
 
-(or targets y_j a label code [C] and a learned class-agnostic W_0 [D, C]; ``ttt_meta.learners.readout``).
 
 After one pass ``logits_q[n] = sum_{j in class n} eta_j q . k_j``: linear attention over the supports (Sun et al.,
 Theorem 1), with unit keys and equal eta a cosine prototype classifier; each further pass is a delta-rule
@@ -320,17 +319,17 @@ def _mlp_dual(q, k, target, eta, state, lw, lb, m, n, chunks=_mlp_chunks, group=
 
 
 # ----------------------------------------------------------------------------------------------- TTT readout
-def ttt_readout(q: Tensor, k: Tensor, y: Tensor, eta: Tensor, epochs: int, W0: Tensor | None = None) -> Tensor:
-    """The TTT readout (module docstring): q [B, NQ, D], k [B, NK, D], targets y [B, NK, C] (one-hot, C = N, or
-    label codes), eta [B, NK], W0 [D, C] or None (0) -> logits q W_epochs [B, NQ, C]."""
-    return q @ ttt_readout_state(k, y, eta, epochs, W0)
+def ttt_readout(q: Tensor, k: Tensor, y: Tensor, eta: Tensor, epochs: int) -> Tensor:
+    """The TTT readout (module docstring): q [B, NQ, D], k [B, NK, D], one-hot targets y [B, NK, N], eta [B, NK]
+    -> logits q W_epochs [B, NQ, N]."""
+    return q @ ttt_readout_state(k, y, eta, epochs)
 
 
-def ttt_readout_state(k: Tensor, y: Tensor, eta: Tensor, epochs: int, W0: Tensor | None = None) -> Tensor:
-    """W_epochs [B, D, C] of `ttt_readout`: `epochs` batch gradient steps on sum_j eta_j 0.5 ||k_j W - y_j||^2
-    from W0 (None: 0)."""
+def ttt_readout_state(k: Tensor, y: Tensor, eta: Tensor, epochs: int) -> Tensor:
+    """W_epochs [B, D, N] of `ttt_readout`: `epochs` batch gradient steps on sum_j eta_j 0.5 ||k_j W - y_j||^2
+    from W_0 = 0."""
     weighted_kT = (eta.unsqueeze(-1) * k).transpose(1, 2)  # [B, D, NK]: (eta * k)^T, the same at every step
-    W = weighted_kT @ y if W0 is None else W0 - weighted_kT @ (k @ W0 - y)  # the first step
+    W = weighted_kT @ y  # the first step, from 0
     for _ in range(epochs - 1):
         W = W - weighted_kT @ (k @ W - y)
     return W
