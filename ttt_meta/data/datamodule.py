@@ -141,8 +141,9 @@ class EpisodeDataModule(L.LightningDataModule):
         unused = [f"data.{name}" for name, value in [("shots_up_to", shots_up_to), ("eval_shots", eval_shots),
                                                      ("eval_queries", eval_queries)] if value is not None]
         if protocol == "online" and unused:
-            raise UserError(f"{' and '.join(unused)} set the supports and queries of batch episodes; a stream of the "
-                            f"online protocol has data.instances images per class instead. Remove them")
+            verb, them = ("set", "them") if len(unused) > 1 else ("sets", "it")
+            raise UserError(f"{' and '.join(unused)} {verb} the supports and queries of batch episodes; a stream of the "
+                            f"online protocol has data.instances images per class instead. Remove {them}")
         if protocol == "batch" and instances is not None:
             raise UserError("data.instances sets the images per class of a stream (data.protocol: online); batch "
                             "episodes have data.shots and data.queries. Remove it, or set data.protocol: online")
