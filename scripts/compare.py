@@ -24,6 +24,10 @@ Writes results/<name>.json (default name ``compare_<dataset>_<setting>``: rows, 
 README shows, provenance) and <name>.png (validation accuracy against log training time, and against training
 episodes), after each model, so that an interrupted call keeps the models it finished.
 
+``--test-episodes MODEL=N`` scores that model on the first N fixed test episodes only (the same N for every
+model that takes it; its rows record how many): for MAML on a stream, whose test cost grows with the square of
+its length.
+
 ``--steps N`` instead of ``--minutes`` trains every run for N optimiser steps (extended alike by a later call with
 more), ``--steps N protonet=M`` gives model protonet M steps (all its variants) and ``protonet_w20=K`` its variant
 w20 K steps (a run's own budget first, then its model's, then N): equal minutes hand one run more steps than
@@ -121,6 +125,7 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
     cli, clock, best_step = train_for(config, f"compare_{args.configs.name}_{args.setting}_{label}", overrides,
                                       seconds, args.val_every, budget_steps)
     model, data = cli.model, cli.datamodule.hparams
+    first = dict(args.test_episodes).get(name)  # None: every fixed test episode
     steps = clock.curve[-1]["step"] if clock.curve else 0
     common = {"run": label, "precision": precision, "overrides": given, "train_seconds": clock.seconds,
               "train_steps": steps, "train_episodes": steps * data.meta_batch_size,
@@ -134,16 +139,16 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
         for setting in args.score_at:
             ways, shots = (int(x) for x in re.fullmatch(r"(\d+)w(\d+)s", setting).groups())
             dm = build(config, [*overrides, f"data.eval_ways={ways}", f"data.eval_shots={shots}"]).datamodule
-            rows.append({"model": label, "scored_at": setting, **score(model, dm, device), **common})
+            rows.append({"model": label, "scored_at": setting, **score(model, dm, device, first), **common})
         return rows, data
     if isinstance(model, MAMLLearner) and name == "maml":
         configured, rows = model.hparams.test_steps, []
         for k in sorted({*MAML_STEPS, configured}):
             model.hparams.test_steps = k
             rows.append({"model": label if k == configured else f"{label}_{k}", "adaptation_steps": k,
-                         **score(model, cli.datamodule, device), **common})
+                         **score(model, cli.datamodule, device, first), **common})
         return rows, data
-    return [{"model": label, **score(model, cli.datamodule, device), **common}], data
+    return [{"model": label, **score(model, cli.datamodule, device, first), **common}], data
 
 
 def figure(rows: list[dict], meta: dict, path: Path) -> None:
@@ -202,6 +207,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", nargs="+", default=[variant("default")], type=variant, metavar="NAME[:key=value,...]",
                    help="variants of every model, each with its own overrides, run and row name (<model>_<NAME>); "
                         "'default' (no overrides, no suffix) by default")
+    p.add_argument("--test-episodes", nargs="*", default=[], type=model_steps, metavar="MODEL=N",
+                   help="score MODEL on the first N fixed test episodes only (e.g. maml=100)")
     p.add_argument("--name", help="results file name (default compare_<dataset>_<setting>)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
@@ -213,6 +220,9 @@ def main(argv=None) -> list[dict]:
                     f"bare N")
         if strays := sorted(set(args.steps) - {"", *args.models, *runs}):
             p.error(f"--steps names {', '.join(strays)}, not among --models {' '.join(args.models)} or their runs")
+    if strays := sorted({m for m, _ in args.test_episodes} - set(args.models)):
+        p.error(f"--test-episodes names {', '.join(strays) or 'no model'}, not among --models {' '.join(args.models)}: "
+                f"give MODEL=N for a model it trains")
     set_threads()
     prov = provenance(__file__, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

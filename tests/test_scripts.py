@@ -124,9 +124,9 @@ def test_compare_trains_for_a_time_budget_and_extends_exactly(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     scored_steps, score = [], compare.score
 
-    def recording_score(model, dm, device):  # MAML's test steps as each row is scored
+    def recording_score(model, dm, device, first):  # MAML's test steps as each row is scored
         scored_steps.append(getattr(model.hparams, "test_steps", None))
-        return score(model, dm, device)
+        return score(model, dm, device, first)
 
     monkeypatch.setattr(compare, "score", recording_score)
     overrides = ["data.dataset=synthetic", "data.val_episodes=4", "data.test_episodes=6", "data.eval_batch_size=3",
@@ -198,12 +198,15 @@ def test_compare_scores_streams_by_instance(tmp_path, monkeypatch):
     overrides = ["data.dataset=synthetic", "data.instances=3", "data.val_episodes=4", "data.test_episodes=6",
                  "data.eval_batch_size=3", "data.meta_batch_size=2", "model.init_args.encoder_channels=4"]
     rows = compare.main(["--setting", "online_5way", "--val-every", "1000", "--override", *overrides, "--out",
-                         str(tmp_path / "results"), "--models", "ttt_linear", "protonet", "--steps", "2"])
+                         str(tmp_path / "results"), "--models", "ttt_linear", "protonet", "--steps", "2",
+                         "--test-episodes", "protonet=4"])
+    assert [r["episodes"] for r in rows] == [6, 4]
     for r in rows:
         assert [p["instance"] for p in r["by_instance"]] == [1, 2, 3]
         assert sum(p["acc"] for p in r["by_instance"]) / 3 == pytest.approx(r["acc"], abs=1e-6)
     saved = json.loads((tmp_path / "results" / "compare_synthetic_online_5way.json").read_text())
     assert "| 1st instance | 2nd instance | 3rd instance |" in saved["markdown"]
+    assert "(first 4) |" in saved["markdown"].splitlines()[-1]
     assert "6 fixed test streams (3 instances per class" in saved["markdown"]
     assert saved["meta"]["protocol"] == "online"
 

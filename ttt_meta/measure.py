@@ -300,7 +300,9 @@ def comparison_table(rows: list[dict], meta: dict, prov: dict) -> str:
               *(f"{_ordinal(n)} instance" for n in instances), "best val acc %", "test ms / episode",
               *(["cost / TTT-Linear"] if ttt else []),
               *(f"s to {t:.0%} val" for t in THRESHOLDS), "train s", "train steps", "train episodes", "params"]
-    cells = [[r["model"], *([r["scored_at"]] if at else []), f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}",
+    partial = lambda r: f" (first {r['episodes']})" if r["episodes"] < meta["test_episodes"] else ""  # noqa: E731
+    cells = [[r["model"], *([r["scored_at"]] if at else []),
+              f"{100 * r['acc']:.2f} +- {100 * r['ci95']:.2f}{partial(r)}",
               *(f"{100 * r['by_instance'][n - 1]['acc']:.1f} +- {100 * r['by_instance'][n - 1]['ci95']:.1f}"
                 for n in instances),
               f"{100 * r['best_val_acc']:.2f}",

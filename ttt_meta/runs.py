@@ -196,8 +196,9 @@ def train_for(config: Path, run_name: str, overrides: list[str], seconds: float 
     return cli, clock, int(ckpt["global_step"])
 
 
-def score(model, dm, device: torch.device) -> dict:
-    """Accuracy on `dm`'s fixed test episodes (mean of the per-episode accuracies, 95% interval), the wall time
+def score(model, dm, device: torch.device, first: int | None = None) -> dict:
+    """Accuracy on `dm`'s fixed test episodes, or on the `first` of them (mean of the per-episode accuracies, 95%
+    interval), the wall time
     of the evaluation forward (adaptation included) per episode and episodes per second, and the peak memory
     (MB) of the tensors one test batch allocates (measured after the timed pass); for streams also the accuracy
     on the s-th instances of the classes, s = 1..S (``by_instance``: instance, acc, ci95)."""
@@ -205,7 +206,10 @@ def score(model, dm, device: torch.device) -> dict:
     model.eval().to(device)
     accs, by_instance, seconds, episodes = [], [], 0.0, 0
     for batch in dm.test_dataloader():
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if first is not None and episodes >= first:
+            break
+        keep = len(targets(batch)) if first is None else first - episodes
+        batch = {k: v[:keep].to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         logits, took = timed_call(lambda: evaluate(model, batch), device)
         seconds += took
         episodes += len(logits)
