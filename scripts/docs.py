@@ -40,7 +40,7 @@ _PAIRED = {"5w1s": ("paired_omniglot_5w1s_readout_ways", "_w20"), "5w5s": ("pair
 # the TTT RNN: the readout's steps at 20 ways (the issue-30 search at its full budget), the row validation led or tied
 _CONTEXT = {"20w1s": ("search_omniglot_20w1s_full", "ttt_readout_c1_mb5"),
             "20w5s": ("search_omniglot_20w5s_full", "ttt_readout_c1_e2")}
-_MAML_DONE, _SEQUENCE_DONE = ("5w1s", "20w1s"), ("5w1s", "5w5s", "20w1s")  # the standing's runs that have finished
+_MAML_DONE, _SEQUENCE_DONE = ("5w1s", "5w5s", "20w1s"), ("5w1s", "5w5s", "20w1s")  # the standing's runs that have finished
 SUMMARY = {
     "TTT readout (`ttt_readout`)": (False, {s: (f, "ttt_readout" + w) for s, (f, w) in _PAIRED.items()}),
     "TTT RNN: one context layer, then the readout": (True, _CONTEXT),
