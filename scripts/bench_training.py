@@ -4,6 +4,8 @@
     python scripts/bench_training.py --models ttt_readout protonet --train-precisions bf16-mixed \
         --train-settings 5w1s 5w5s 20w1s 20w5s --name bench_training_compare
     python scripts/bench_training.py --train-dataset synthetic --train-steps 5 --out /tmp/b
+    python scripts/bench_training.py --models ttt_linear lstm maml --train-precisions fastest \
+        --train-settings online_5way online_15way --name bench_training_online
 
 Episodes per second of ``fit`` (Lightning's loop, data loading included, no validation) for each model's experiment
 configs/omniglot/<model>_<setting>.yaml on --train-dataset in float32 and in bf16 autocast (trainer.precision
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from ttt_meta.cli import set_threads
 from ttt_meta.measure import StepClock, hardware_text, markdown_table, provenance, write_results
-from ttt_meta.runs import build
+from ttt_meta.runs import build, training_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 3
@@ -67,7 +69,8 @@ def main(argv=None) -> list[dict]:
                         choices=["5w1s", "5w5s", "20w1s", "20w5s", "online_5way", "online_15way"])
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--train-precisions", nargs="+", default=["32-true", "bf16-mixed"],
-                        help="trainer.precision values; bf16-mixed pays on CPUs with native bf16 (AVX512-BF16, AMX)")
+                        help="trainer.precision values; bf16-mixed pays on CPUs with native bf16 (AVX512-BF16, AMX); "
+                        "'fastest': each model at the precision compare.py trains it (runs.training_precision)")
     parser.add_argument("--train-dataset", default="omniglot", choices=["omniglot", "synthetic"],
                         help="omniglot reads data.root / TTT_META_DATA like the app")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
@@ -75,8 +78,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     set_threads()
     prov = provenance(__file__, argv)
-    rows = [measure_training(model, setting, precision, args) for setting in args.train_settings
-            for precision in args.train_precisions for model in args.models]
+    rows = [measure_training(model, setting, training_precision(model) if precision == "fastest" else precision, args)
+            for setting in args.train_settings for precision in args.train_precisions for model in args.models]
     print(write(rows, prov, args))
     return rows
 

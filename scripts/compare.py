@@ -52,24 +52,11 @@ from ttt_meta.learners import MAMLLearner
 from ttt_meta.measure import (THRESHOLDS, comparison_budget, comparison_table, provenance, pyplot, save_figure,
                               write_results)
 from ttt_meta.nn.cores import CORES
-from ttt_meta.runs import build, score, train_for
+from ttt_meta.runs import build, score, train_for, training_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = [*CORES, "ttt_readout", "lstm_large", "protonet", "maml", "metasgd"]
-# slower in bf16 autocast on CPU (runs.step_seconds under autocast, 1 thread: 0.93 vs 0.83 s per MAML 5w1s step)
-FLOAT32 = ("maml", "metasgd")
 MAML_STEPS = (1, 10)  # scored besides the configured test steps
-
-
-def has_bf16() -> bool:
-    """Whether bf16 arithmetic is native here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def time_to(curve: list[dict], threshold: float) -> float | None:
@@ -117,7 +104,7 @@ def run_model(name: str, tag: str, variant_overrides: list[str], args, device: t
     if not config.is_file():
         raise FileNotFoundError(f"no config {config} for model {name!r}; write one or drop it from --models")
     label = run_label(name, tag)
-    precision = "32-true" if name in FLOAT32 or not has_bf16() else "bf16-mixed"
+    precision = training_precision(name)
     given = [*args.override, *variant_overrides]
     overrides = ["model.init_args.lr_schedule=constant", f"trainer.precision={precision}", *given]
     seconds = None if args.minutes is None else 60 * args.minutes
