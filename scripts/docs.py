@@ -39,16 +39,15 @@ _PAIRED = {"5w1s": ("paired_omniglot_5w1s_readout_ways", "_w20"), "5w5s": ("pair
 # the TTT RNN: the readout's steps at 20 ways (the issue-30 search at its full budget), the row validation led or tied
 _CONTEXT = {"20w1s": ("search_omniglot_20w1s_full", "ttt_readout_c1_mb5"),
             "20w5s": ("search_omniglot_20w5s_full", "ttt_readout_c1_e2")}
-_BASELINES_DONE = ("5w1s", "5w5s", "20w1s")  # the settings whose standing_omniglot_<setting>_* runs have finished
 # learner -> (reads the episode as a sequence, {setting: (results file, row)})
 SUMMARY = {
     "TTT readout (`ttt_readout`)": (False, {s: (f, "ttt_readout" + w) for s, (f, w) in _PAIRED.items()}),
     "TTT RNN: one context layer, then the readout": (True, _CONTEXT),
     "ProtoNets (`protonet`)": (False, {s: (f, "protonet" + w) for s, (f, w) in _PAIRED.items()}),
-    "MAML, 10 test steps (`maml`)": (False, {s: (f"standing_omniglot_{s}_maml", "maml_10") for s in _BASELINES_DONE}),
-    "Meta-SGD (`metasgd`)": (False, {s: (f"standing_omniglot_{s}_maml", "metasgd") for s in _BASELINES_DONE}),
-    "softmax attention (`attention`)": (True, {s: (f"standing_omniglot_{s}_sequence", "attention") for s in _BASELINES_DONE}),
-    "LSTM (`lstm`)": (True, {s: (f"standing_omniglot_{s}_sequence", "lstm") for s in _BASELINES_DONE}),
+    "MAML, 10 test steps (`maml`)": (False, {s: (f"standing_omniglot_{s}_maml", "maml_10") for s in SETTINGS}),
+    "Meta-SGD (`metasgd`)": (False, {s: (f"standing_omniglot_{s}_maml", "metasgd") for s in SETTINGS}),
+    "softmax attention (`attention`)": (True, {s: (f"standing_omniglot_{s}_sequence", "attention") for s in SETTINGS}),
+    "LSTM (`lstm`)": (True, {s: (f"standing_omniglot_{s}_sequence", "lstm") for s in SETTINGS}),
 }
 STANDING = "results/standing.json"
 PUBLISHED = {"MAML (Finn et al. 2017)": ("98.7", "99.9", "95.8", "98.9"),
