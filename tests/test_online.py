@@ -96,6 +96,20 @@ def test_a_sequence_learner_on_a_stream_equals_its_prefixes(core):
                 torch.testing.assert_close(full[:, t], model.logits(prefix)[:, -1], rtol=1e-10, atol=1e-10)
 
 
+def test_a_stream_token_holds_its_image_and_the_labelled_image_before_it():
+    """Token t: the first half of image t's embedding, the second half of image t-1's (zeros at t = 0), plus the code
+    of label t-1 (the "no label" row at t = 0), built by hand."""
+    model = make("ttt_linear").model
+    features, labels = torch.randn(2, 6, model.embed.in_features), torch.randint(0, 5, (2, 6))
+    codes = model.label_rows()
+    e, half = model.embed(features), model.embed.out_features // 2
+    for t in range(6):
+        previous_image = e[:, t - 1, half:] if t else torch.zeros_like(e[:, 0, half:])
+        previous_label = codes[labels[:, t - 1]] if t else codes[model.max_ways].expand(2, -1)
+        want = torch.cat([e[:, t, :half], previous_image], dim=-1) + previous_label
+        torch.testing.assert_close(model.stream_tokens(features, labels, codes)[:, t], want)
+
+
 def test_running_prototypes_equal_a_loop_by_hand():
     """Step t: -squared distance to the mean of the earlier features of each class; an unseen class scores the
     given value (float64)."""

@@ -6,10 +6,17 @@
     logits    = Linear(LN(x_query))[:, :, id]                       [B, N*Q, N]   (query_logits)
               = Linear(LN(x_query)) @ code[id].T / sqrt(width)      (tied_head)
 
-A stream (the online protocol, ``stream_logits``) is one causal sequence: token t carries image t and the label
-of image t-1 (token 0 the "no label" row), every token writes, each reads the tokens before it and itself
-(``writers=None`` in ``ttt_meta.nn.cores``), and the head reads every position: logits [B, T, N], step t's from
-images 0..t and labels 0..t-1.
+A stream (the online protocol, ``stream_logits``) is one causal sequence: token t carries image t, and image t-1
+with its label (token 0 the "no label" row and no previous image), every token writes, each reads the tokens
+before it and itself (``writers=None`` in ``ttt_meta.nn.cores``), and the head reads every position: logits
+[B, T, N], step t's from images 0..t and labels 0..t-1.
+
+    e         = Linear(features)                                    [B, T, width]
+    token_t   = [e_t[:width/2], e_{t-1}[width/2:]] + code[id[label_{t-1}]]    (e_{-1} = 0: the token shift)
+
+Half the channels carry the previous image, so one token holds a labelled pair (image t-1, label t-1) to write and
+the image t to read: a TTT layer's key can be the previous image and its target the label, in one token (with
+the label alone beside image t, a core must first carry image t-1 forward before it can bind it to its label).
 
 code [max_ways + 1, width] (``label_rows``) holds a row per label id and, last, the "no label" row. id [B, N] maps
 an episode's classes 0..N-1 to rows of the codes and the head: 0..N-1 by default, random ids from [0, max_ways) in
@@ -121,17 +128,24 @@ class EpisodeSequenceModel(nn.Module):
 
     def stream_logits(self, features: Tensor, labels: Tensor, ways: int, label_ids: Tensor | None = None) -> Tensor:
         """features [B, T, F] of a stream's images, labels [B, T] -> logits [B, T, ways]; step t's from images
-        0..t and labels 0..t-1 (module doc)."""
+        0..t and labels 0..t-1, token t with the token shift (module doc)."""
         if ways > self.max_ways:
             raise ValueError(f"{ways}-way streams but the model was built for at most {self.max_ways} ways")
         if label_ids is not None:
             labels = label_ids.gather(1, labels)
-        previous = torch.cat([labels.new_full((labels.shape[0], 1), self.max_ways), labels[:, :-1]], dim=1)
         codes = self.label_rows()
-        x = self.embed(features) + F.embedding(previous, codes)
+        x = self.stream_tokens(features, labels, codes)
         for block in self.blocks:
             x = block(x, None)
         return self.head_logits(x, codes, ways, label_ids)
+
+    def stream_tokens(self, features: Tensor, labels: Tensor, codes: Tensor) -> Tensor:
+        """features [B, T, F], labels [B, T] (rows of `codes`) -> tokens [B, T, width] with the token shift."""
+        previous = torch.cat([labels.new_full((labels.shape[0], 1), self.max_ways), labels[:, :-1]], dim=1)
+        e = self.embed(features)  # [B, T, width]
+        half = e.shape[-1] // 2
+        shifted = torch.cat([e[..., :half], F.pad(e[:, :-1, half:], (0, 0, 1, 0))], dim=-1)  # e_{-1} = 0
+        return shifted + F.embedding(previous, codes)
 
     def head_logits(self, x: Tensor, codes: Tensor, ways: int, label_ids: Tensor | None) -> Tensor:
         """Tokens x [B, T, width] -> logits [B, T, ways] of the episode's classes (label_ids [B, ways] or None:
