@@ -14,7 +14,7 @@ run left), and score it on the fixed test episodes.
   through the exact resume of its newest ``last.ckpt``; with its validation curve (step, seconds, accuracy).
 - ``training_precision(model)``: the trainer precision the scripts train a model at, its fastest here.
 - ``score(model, datamodule, device)``: per-episode accuracy on the fixed test episodes with its 95% interval,
-  the evaluation time per episode and the peak memory of one batch.
+  the evaluation time per episode and the peak memory of scoring one episode.
 """
 
 from __future__ import annotations
@@ -220,9 +220,9 @@ def train_for(config: Path, run_name: str, overrides: list[str], seconds: float 
 
 def score(model, dm, device: torch.device, first: int | None = None) -> dict:
     """Accuracy on `dm`'s fixed test episodes, or on the `first` of them (mean of the per-episode accuracies, 95%
-    interval), the wall time
-    of the evaluation forward (adaptation included) per episode and episodes per second, and the peak memory
-    (MB) of the tensors one test batch allocates (measured after the timed pass); for streams also the accuracy
+    interval), the wall time of the evaluation forward (adaptation included) per episode and episodes per second,
+    and the peak memory (MB) of the tensors scoring one test episode allocates (measured after the timed pass,
+    ``test_episode_peak_mem_mb``); for streams also the accuracy
     on the s-th instances of the classes, s = 1..S (``by_instance``: instance, acc, ci95)."""
     dm.setup("test")
     model.eval().to(device)
@@ -238,10 +238,12 @@ def score(model, dm, device: torch.device, first: int | None = None) -> dict:
         accs.append(episode_accuracy(logits, targets(batch)).cpu())
         if "stream" in batch:
             by_instance.append(accuracy_by_instance(logits, targets(batch)).cpu())
+    # the profiler keeps every event: a batch of MAML streams (T adaptations each) would hold tens of GB of them
+    one_episode = {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}
     mean, ci = confidence_interval(torch.cat(accs))
     result = {"acc": mean, "ci95": ci, "episodes": episodes, "test_ms_per_episode": 1000 * seconds / episodes,
               "test_episodes_per_s": episodes / seconds,
-              "test_peak_mem_mb": peak_tensor_mb(lambda: evaluate(model, batch), device)}
+              "test_episode_peak_mem_mb": peak_tensor_mb(lambda: evaluate(model, one_episode), device)}
     if by_instance:
         columns = torch.cat(by_instance).T  # [S, n]
         result["by_instance"] = [dict(zip(("acc", "ci95"), confidence_interval(c[~c.isnan()])), instance=s)
