@@ -28,7 +28,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
 
-from .data.episodes import targets
+from .data.episodes import first_episodes, targets
 from .errors import UserError
 from .measure import instance_numbers, pyplot
 
@@ -75,7 +75,7 @@ class InnerLoopMonitor(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and not trainer.sanity_checking:
-            self._episode = {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}
+            self._episode = first_episodes(batch, 1)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         writers, episode, self._episode = _writers(trainer), self._episode, None

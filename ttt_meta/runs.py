@@ -32,7 +32,7 @@ from .checkpointing import check_checkpoint, read_checkpoint
 from .cli import TTTMetaCLI, newest_last_checkpoint
 from .cli import main as cli_main
 from .errors import MissingInput
-from .data.episodes import targets
+from .data.episodes import first_episodes, targets
 from .measure import (accuracy_by_instance, code_and_machine, confidence_interval, episode_accuracy, evaluate,
                       median_seconds, optimizer_step, peak_tensor_mb, timed_call)
 
@@ -231,19 +231,18 @@ def score(model, dm, device: torch.device, first: int | None = None) -> dict:
         if first is not None and episodes >= first:
             break
         keep = len(targets(batch)) if first is None else first - episodes
-        batch = {k: v[:keep].to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in first_episodes(batch, keep).items()}
         logits, took = timed_call(lambda: evaluate(model, batch), device)
         seconds += took
         episodes += len(logits)
         accs.append(episode_accuracy(logits, targets(batch)).cpu())
         if "stream" in batch:
             by_instance.append(accuracy_by_instance(logits, targets(batch)).cpu())
-    # the profiler keeps every event: a batch of MAML streams (T adaptations each) would hold tens of GB of them
-    one_episode = {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}
     mean, ci = confidence_interval(torch.cat(accs))
     result = {"acc": mean, "ci95": ci, "episodes": episodes, "test_ms_per_episode": 1000 * seconds / episodes,
               "test_episodes_per_s": episodes / seconds,
-              "test_episode_peak_mem_mb": peak_tensor_mb(lambda: evaluate(model, one_episode), device)}
+              # one episode: the profiler keeps every event, and a batch of MAML streams held tens of GB of them
+              "test_episode_peak_mem_mb": peak_tensor_mb(lambda: evaluate(model, first_episodes(batch, 1)), device)}
     if by_instance:
         columns = torch.cat(by_instance).T  # [S, n]
         result["by_instance"] = [dict(zip(("acc", "ci95"), confidence_interval(c[~c.isnan()])), instance=s)

@@ -134,6 +134,11 @@ def targets(batch: dict) -> Tensor:
     return batch["stream_labels"] if "stream" in batch else batch["query_labels"]
 
 
+def first_episodes(batch: dict, n: int) -> dict:
+    """The first `n` episodes (or streams) of a batch: every tensor cut along its batch dimension."""
+    return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @dataclass(frozen=True)
 class EpisodeIndex:
     """Index form of B episodes: classes [B, N] (ids >= C mean rotated copies), samples [B, N, K+Q],
