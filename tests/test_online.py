@@ -18,7 +18,7 @@ from ttt_meta.learners.protonet import running_prototype_logits
 from ttt_meta.measure import accuracy_by_instance, instance_numbers
 
 TINY = dict(width=32, depth=2, num_heads=2, encoder_channels=8, max_ways=5, mini_batch_size=4)
-ONLINE = ["ttt_linear", "ttt_linear+unseen", "ttt_mlp", "lstm", "attention", "protonet", "maml"]
+ONLINE = ["ttt_linear", "ttt_mlp", "lstm", "attention", "protonet", "maml"]
 
 
 def make(name: str, dtype=torch.float32):
@@ -28,8 +28,7 @@ def make(name: str, dtype=torch.float32):
     elif name == "maml":
         model = MAMLLearner(ways=5, encoder_channels=8, first_order=True, test_steps=2)
     else:
-        core, _, unseen = name.partition("+")
-        model = SequenceMetaLearner(core=core, unseen_class_score=bool(unseen), **TINY)
+        model = SequenceMetaLearner(core=name, **TINY)
     return model.to(dtype).eval()
 
 
@@ -95,23 +94,6 @@ def test_a_sequence_learner_on_a_stream_equals_its_prefixes(core):
             for t in range(T):
                 prefix = dict(batch, stream=batch["stream"][:, :t + 1], stream_labels=batch["stream_labels"][:, :t + 1])
                 torch.testing.assert_close(full[:, t], model.logits(prefix)[:, -1], rtol=1e-10, atol=1e-10)
-
-
-def test_a_class_not_labelled_yet_scores_the_learned_unseen_score():
-    """With unseen_class_score, step t's logit of a label no step before t had is w . LN(x_t) + c, the same for
-    every such label; the others are the logits of the same model without it (its other weights)."""
-    model, plain = make("ttt_linear+unseen"), make("ttt_linear")
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "unseen" not in k})
-    batch = streams(instances=2)
-    labels = batch["stream_labels"]
-    with torch.no_grad():
-        got, want = model.logits(batch), plain.logits(batch)
-    for b, t in itertools.product(range(labels.shape[0]), range(labels.shape[1])):
-        seen = set(labels[b, :t].tolist())
-        unseen = [n for n in range(5) if n not in seen]
-        torch.testing.assert_close(got[b, t, list(seen)], want[b, t, list(seen)])
-        assert len(set(got[b, t, unseen].tolist())) <= 1
-    assert not torch.allclose(got[:, 0, 0], got[:, 1, 0])  # a function of the step's token, not a constant
 
 
 def test_a_stream_token_holds_its_image_and_the_labelled_image_before_it():

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.encoders import make_encoder
-from ..nn.model import labels_before
 from .base import EpisodicLearner
 
 
@@ -49,7 +48,7 @@ def running_prototype_logits(features: Tensor, labels: Tensor, ways: int, unseen
     -||e_t - c_n(t)||^2 with c_n(t) the mean of the features of the steps s < t of class n, and `unseen` (a
     scalar) for a class no step before t had."""
     onehot = F.one_hot(labels, ways).to(features.dtype)  # [B, T, N]
-    before = labels_before(labels, ways)  # [B, T, N]
+    before = onehot.cumsum(1) - onehot  # [B, T, N]: steps of class n before t
     sums = (onehot.unsqueeze(-1) * features.unsqueeze(2)).cumsum(1)  # [B, T, N, F], steps up to t
     sums = sums - onehot.unsqueeze(-1) * features.unsqueeze(2)  # steps before t
     prototypes = sums / before.clamp(min=1).unsqueeze(-1)

@@ -30,8 +30,6 @@ class SequenceMetaLearner(EpisodicLearner):
             data.label_space, so a model serves up to max_ways ways.
         label_codes: "learned" (trained label embedding rows) or "equiangular" (rows 0..max_ways-1 fixed to a
             simplex equiangular tight frame, as CAML's ELMES; needs max_ways <= width + 1; ``ttt_meta.nn.model``).
-        unseen_class_score: on a stream, a class not labelled before step t scores a learned linear function of
-            step t's token (``ttt_meta.nn.model``): the online ProtoNet's new-class score. Streams only.
         lr, weight_decay, warmup_steps, lr_schedule: see EpisodicLearner.
     """
 
@@ -39,13 +37,13 @@ class SequenceMetaLearner(EpisodicLearner):
                  mini_batch_size: int = 16, eta_base: float = 1.0, share_qk: bool = True, form: str = "dual",
                  lstm_hidden: int | None = None, encoder: str = "conv4", encoder_channels: int = 64,
                  in_channels: int = 1, image_size: int = 28, max_ways: int = 20, tied_head: bool = False,
-                 label_codes: str = "learned", unseen_class_score: bool = False, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
+                 label_codes: str = "learned", lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 200,
                  lr_schedule: str = "cosine"):
         super().__init__(lr, weight_decay, warmup_steps, lr_schedule)
         self.model = EpisodeSequenceModel(
             make_encoder(encoder, in_channels, encoder_channels, image_size), core=core, width=width, depth=depth,
             num_heads=num_heads, max_ways=max_ways, tied_head=tied_head, label_codes=label_codes,
-            unseen_class_score=unseen_class_score, mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form, lstm_hidden=lstm_hidden)
+            mini_batch_size=mini_batch_size, eta_base=eta_base, share_qk=share_qk, form=form, lstm_hidden=lstm_hidden)
 
     reads_label_ids = True
     learns_online = True

@@ -18,11 +18,6 @@ Half the channels carry the previous image, so one token holds a labelled pair (
 the image t to read: a TTT layer's key can be the previous image and its target the label, in one token (with
 the label alone beside image t, a core must first carry image t-1 forward before it can bind it to its label).
 
-With ``unseen_class_score`` a class no step before t was labelled with scores ``w . LN(x_t) + c`` at step t, one
-learned scalar per step (as the online ProtoNet's learned score for an unseen class, Ren et al. 2020), so a
-character's 1st drawing can be told apart as new: logits[b, t, n] = that score where label n is not among
-labels[b, :t].
-
 code [max_ways + 1, width] (``label_rows``) holds a row per label id and, last, the "no label" row. id [B, N] maps
 an episode's classes 0..N-1 to rows of the codes and the head: 0..N-1 by default, random ids from [0, max_ways) in
 training with data.label_space. With random ids an untied head row is trained only in the episodes that draw it;
@@ -63,12 +58,6 @@ def simplex_frame(count: int, width: int, seed: int = 0) -> Tensor:
     return (codes * (width * count / (count - 1)) ** 0.5).float()
 
 
-def labels_before(labels: Tensor, ways: int) -> Tensor:
-    """labels [B, T] in 0..ways-1 -> counts [B, T, ways]: how many steps before t had label n."""
-    onehot = F.one_hot(labels, ways)
-    return onehot.cumsum(1) - onehot
-
-
 class Block(nn.Module):
     """Pre-norm residual block: sequence core, then MLP."""
 
@@ -88,7 +77,7 @@ class EpisodeSequenceModel(nn.Module):
 
     def __init__(self, encoder: nn.Module, core: str = "ttt_linear", width: int = 128, depth: int = 2,
                  num_heads: int = 4, max_ways: int = 20, mlp_ratio: int = 4, tied_head: bool = False,
-                 label_codes: str = "learned", unseen_class_score: bool = False, **core_kwargs):
+                 label_codes: str = "learned", **core_kwargs):
         super().__init__()
         if label_codes not in LABEL_CODES:
             raise UserError(f"unknown label_codes {label_codes!r}. Set model.init_args.label_codes to one of "
@@ -108,7 +97,6 @@ class EpisodeSequenceModel(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.tied_head = tied_head
         self.head = nn.Linear(width, width) if tied_head else nn.Linear(width, max_ways)
-        self.unseen_class_score = nn.Linear(width, 1) if unseen_class_score else None  # streams only
 
     def label_rows(self) -> Tensor:
         """The codes [max_ways + 1, width]: one row per label id, then the "no label" row."""
@@ -143,16 +131,13 @@ class EpisodeSequenceModel(nn.Module):
         0..t and labels 0..t-1, token t with the token shift (module doc)."""
         if ways > self.max_ways:
             raise ValueError(f"{ways}-way streams but the model was built for at most {self.max_ways} ways")
-        rows = labels if label_ids is None else label_ids.gather(1, labels)
+        if label_ids is not None:
+            labels = label_ids.gather(1, labels)
         codes = self.label_rows()
-        x = self.stream_tokens(features, rows, codes)
+        x = self.stream_tokens(features, labels, codes)
         for block in self.blocks:
             x = block(x, None)
-        logits = self.head_logits(x, codes, ways, label_ids)
-        if self.unseen_class_score is None:
-            return logits
-        unseen = labels_before(labels, ways) == 0  # [B, T, N]
-        return torch.where(unseen, self.unseen_class_score(self.norm(x)).to(logits.dtype), logits)
+        return self.head_logits(x, codes, ways, label_ids)
 
     def stream_tokens(self, features: Tensor, labels: Tensor, codes: Tensor) -> Tensor:
         """features [B, T, F], labels [B, T] (rows of `codes`) -> tokens [B, T, width] with the token shift."""
