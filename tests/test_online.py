@@ -17,7 +17,8 @@ from ttt_meta.learners import (MAMLLearner, OnlineProtoNetLearner, ProtoNetLearn
 from ttt_meta.learners.protonet import running_prototype_logits
 from ttt_meta.measure import accuracy_by_instance, instance_numbers
 
-TINY = dict(width=32, depth=2, num_heads=2, encoder_channels=8, max_ways=5, mini_batch_size=4)
+TINY = dict(width=32, depth=2, num_heads=2, encoder_channels=8, max_ways=5, mini_batch_size=4,
+            share_qk=False)  # a separate theta_Q, as the online TTT configs
 ONLINE = ["ttt_linear", "ttt_mlp", "lstm", "attention", "protonet", "maml"]
 
 
