@@ -4,9 +4,10 @@
         --ckpt checkpoints/compare_omniglot_5w1s_ttt_linear/version_0/best-3000-0.9850.ckpt --name ttt_linear_5w1s
 
 Writes checkpoints/omniglot/<name>.ckpt (the weights and hyperparameters; no optimiser or loop state: a few MB)
-and <name>.json: the test accuracy with its 95% interval on the config's fixed test episodes (600), the accuracy
-on the first check set of 100 fixed test episodes that tests/test_shipped_checkpoints.py requires again through
-the CLI (to within one query), the config and overrides it is scored with, the training the source checkpoint
+and <name>.json: the test accuracy with its 95% interval on the config's fixed test episodes (600; of streams
+also by instance), the accuracy on the first check set of 100 fixed test episodes that
+tests/test_shipped_checkpoints.py requires again through the CLI (to within one query; a stream's every step is
+one), the config and overrides it is scored with, the training the source checkpoint
 records (ttt_meta.runs.TrainingClock: seconds, steps, commits), and the provenance of this export. The export
 is written to a new file: an existing one is never replaced (pass --replace to do so on purpose).
 """
@@ -21,6 +22,7 @@ import torch
 
 from ttt_meta.checkpointing import check_checkpoint
 from ttt_meta.cli import set_threads
+from ttt_meta.data.episodes import StreamSpec
 from ttt_meta.measure import provenance, write_results
 from ttt_meta.runs import TrainingClock, build, callback_state, score
 
@@ -71,11 +73,15 @@ def main(argv=None) -> dict:
     if args.training_note:
         training["note"] = args.training_note
     spec = cli.datamodule.eval_spec
+    if isinstance(spec, StreamSpec):  # every step of a stream is a prediction
+        setting, predictions = f"online {spec.ways}-way", spec.ways * spec.instances
+    else:
+        setting, predictions = f"{spec.ways}w{spec.shots}s", spec.ways * spec.queries
     report = {"config": str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT)
               else str(args.config), "overrides": args.override, "source": str(args.ckpt),
-              "setting": f"{cli.datamodule.hparams.dataset} {spec.ways}w{spec.shots}s",
-              "test": {k: test[k] for k in ("acc", "ci95", "episodes")},
-              "check": {"acc": check["acc"], "episodes": check["episodes"], "queries": spec.ways * spec.queries},
+              "setting": f"{cli.datamodule.hparams.dataset} {setting}",
+              "test": {k: test[k] for k in ("acc", "ci95", "episodes", "by_instance") if k in test},
+              "check": {"acc": check["acc"], "episodes": check["episodes"], "queries": predictions},
               "training": training, "model": type(cli.model).__name__, "hparams": dict(cli.model.hparams)}
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({k: ckpt[k] for k in KEEP if k in ckpt}, target)

@@ -314,3 +314,40 @@ def test_head_gain_scores_the_served_model(omniglot_root, tmp_path):
     assert list(rows[1]["inner_loop"]) == ["blocks.0.core", "blocks.1.core"]
     for row in rows:  # every layer's test-time training lowers its inner loss on the supports
         assert all(v["after"] < v["before"] for v in row["inner_loop"].values()), row["inner_loop"]
+
+
+def test_first_drawing_terms_by_hand():
+    """first_drawing.py on one 3-class stream whose classes first show at steps 0, 1, 3 (u = 3, 2, 1 labels
+    unused): the ceiling is (1/3 + 1/2 + 1) / 3; a model that answers a seen label at every 1st drawing by a logit
+    margin of 1.5 answers "unused" at none of them, and with delta 2 its 1st drawings go to unused labels (the
+    lowest-numbered, by the tie) while its right answers at later drawings, by a margin of 3, stay."""
+    first_drawing = script("first_drawing")
+    labels = torch.tensor([[0, 1, 0, 2, 1, 2]])
+    logits = torch.zeros(1, 6, 3)
+    logits[0, torch.arange(6), labels[0]] = 3.0  # right at every step, margin 3 ...
+    logits[0, 1] = torch.tensor([1.5, 0.0, 0.0])  # ... except the 1st drawings of classes 1 and 2: the seen label 0
+    logits[0, 3] = torch.tensor([0.0, 1.5, 0.0])
+    terms = first_drawing.first_drawing_terms(logits, labels, deltas=(0.0, 2.0))
+    assert terms["ceiling"].item() == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)
+    assert terms["unused"].item() == pytest.approx(1 / 3)  # step 0: every label is unused
+    assert terms[0.0]["first"].item() == pytest.approx(1 / 3) and terms[0.0]["second"].item() == 1.0
+    # delta 2: step 1 -> labels 1, 2 tie at 2 above 1.5, argmax 1 (right); step 3 -> label 2 at 2 above 1.5 (right)
+    assert terms[2.0]["first"].item() == 1.0 and terms[2.0]["second"].item() == 1.0
+    assert terms[2.0]["overall"].item() == 1.0 and terms[0.0]["overall"].item() == pytest.approx(4 / 6)
+
+
+def test_first_drawing_runs_on_a_stream_checkpoint(tmp_path):
+    """first_drawing.py end to end on synthetic streams with an untrained tiny sequence learner's checkpoint: one row
+    per --run with the 5-class ceiling and every delta, and a results file with the table."""
+    from ttt_meta.runs import build
+    overrides = ["data.dataset=synthetic", "data.instances=3", "model.init_args.encoder_channels=4",
+                 "data.eval_batch_size=4"]
+    config = ROOT / "configs" / "omniglot" / "ttt_linear_online_5way.yaml"
+    model = build(config, overrides).model
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, tmp_path / "m.ckpt")
+    rows = script("first_drawing").main(["--run", str(config), str(tmp_path / "m.ckpt"), "--episodes", "8",
+                                         "--override", *overrides, "--out", str(tmp_path), "--name", "fd"])
+    assert len(rows) == 1 and rows[0]["streams"] == 8 and rows[0]["ways"] == 5
+    assert rows[0]["ceiling"] == pytest.approx((1 / 5 + 1 / 4 + 1 / 3 + 1 / 2 + 1) / 5)
+    assert [d["delta"] for d in rows[0]["by_delta"]] == list(script("first_drawing").DELTAS)
+    assert "| delta |" in json.loads((tmp_path / "fd.json").read_text())["markdown"]
