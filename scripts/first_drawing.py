@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from ttt_meta.checkpointing import check_checkpoint
 from ttt_meta.cli import set_threads
 from ttt_meta.data.episodes import targets
-from ttt_meta.measure import (accuracy_by_instance, confidence_interval, evaluate, hardware_text, markdown_table,
-                              provenance, write_results)
+from ttt_meta.measure import (accuracy_by_instance, confidence_interval, evaluate, hardware_text, instance_numbers,
+                              markdown_table, provenance, write_results)
 from ttt_meta.runs import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def first_drawing_terms(logits: torch.Tensor, labels: torch.Tensor, deltas=DELTA
     N = logits.shape[-1]
     onehot = F.one_hot(labels, N)
     unused = (onehot.cumsum(1) - onehot) == 0  # [B, T, N]: label n given at no step before t
-    first = unused.gather(2, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]: step t is its class's 1st drawing
+    first = instance_numbers(labels) == 1  # [B, T]: step t is its class's 1st drawing
     per_first = lambda x: (x * first).sum(1) / first.sum(1)  # noqa: E731  [B, T] -> [B], mean over 1st drawings
     answered_unused = unused.gather(2, logits.argmax(-1, keepdim=True)).squeeze(-1)
     terms = {"ceiling": per_first(1 / unused.sum(-1).clamp(min=1)),  # u >= 1 at a 1st drawing
